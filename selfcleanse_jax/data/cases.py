@@ -1,0 +1,49 @@
+"""Cases (volumes) and the 2D slice table that training reads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+IGNORE_INDEX = 255
+"""Label value that the loss ignores (pseudo-label pixels below the confidence threshold)."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One volume: image (H, W, Z) float32, label (H, W, Z) uint8 or None, voxel geometry."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    affine: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
+
+
+@dataclasses.dataclass
+class SliceTable:
+    """2D training samples cut from cases along the last axis.
+
+    `idx[i] == i` is the sample's stable id, given here at the source and carried through
+    shuffling, batching, noise and cleansing.
+    """
+
+    images: np.ndarray  # (N, H, W, C) float32
+    labels: np.ndarray  # (N, H, W) uint8
+    case_index: np.ndarray  # (N,) int32, index into `case_names`
+    z: np.ndarray  # (N,) int32, slice position in its case
+    case_names: list[str]
+    spacing: np.ndarray  # (N, 2) float32, in-plane spacing of the (resized) slice in mm
+
+    @property
+    def idx(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def volume_slices(self, case: int) -> np.ndarray:
+        """Indices of one case's slices, ordered by z."""
+        members = np.flatnonzero(self.case_index == case)
+        return members[np.argsort(self.z[members], kind="stable")]
