@@ -1,0 +1,190 @@
+"""Label cleansing module (LCM): pseudo low-noise labels from the model and the given label.
+
+For one sample with softmax p (H, W, K), given label y (H, W) and clean probability w:
+
+    q = w * onehot(y) + (1 - w) * p
+
+The hard pseudo-label is argmax q where max q >= kappa, and elsewhere the given label
+(`fallback="given"`) or IGNORE_INDEX (`fallback="ignore"`, the loss skips it). Pixels whose
+given label is IGNORE_INDEX (or any value outside [0, K)) carry no label: onehot(y) is zero
+there. Optional morphological clean-up (per foreground class opening then closing with a
+square (2r+1)^2 window, then optional filling of background holes) acts on the argmax map
+before the confidence fallback. The soft target is q renormalised (p where y carries no label),
+optionally sharpened with a temperature T: q**(1/T) renormalised.
+
+Everything is jnp and jittable; `cleanse_batch` / `make_cleanser` vmap over a batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from selfcleanse_jax.data.cases import IGNORE_INDEX
+
+FALLBACKS = ("given", "ignore")
+
+
+def _check_options(
+    kappa: float, fallback: str, temperature: float | None, morph_radius: int
+) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown LCM fallback {fallback!r}; expected one of {FALLBACKS}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"LCM temperature must be > 0 or None, got {temperature}")
+    if morph_radius < 0:
+        raise ValueError(f"LCM morph_radius must be >= 0, got {morph_radius}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"LCM kappa must be in [0, 1], got {kappa}")
+
+
+def _pool(masks: jax.Array, radius: int, op: str) -> jax.Array:
+    """Max (dilation) or min (erosion) over a (2r+1)^2 window of (H, W, K) {0,1} masks.
+
+    Outside the image counts as 0 for dilation and 1 for erosion, so the border neither grows
+    nor erodes structures.
+    """
+    window = (2 * radius + 1, 2 * radius + 1, 1)
+    if op == "dilate":
+        return jax.lax.reduce_window(masks, 0.0, jax.lax.max, window, (1, 1, 1), "SAME")
+    return jax.lax.reduce_window(masks, 1.0, jax.lax.min, window, (1, 1, 1), "SAME")
+
+
+def _fill_background_holes(labels: jax.Array, masks: jax.Array) -> jax.Array:
+    """Give each background (0) pixel enclosed by foreground class c the label c.
+
+    Flood fill from the image border through non-c pixels (8-connected), vectorised over
+    classes with a `while_loop` of 3x3 dilations. Only background is filled, so a structure
+    nested inside another keeps its label.
+    """
+    outside_c = masks < 0.5
+    h, w = labels.shape
+    border = jnp.zeros((h, w, 1), bool).at[0].set(True).at[-1].set(True)
+    border = border.at[:, 0].set(True).at[:, -1].set(True)
+    seed = (border & outside_c).astype(jnp.float32)
+
+    def grow(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        reach, _ = state
+        new = _pool(reach, 1, "dilate") * outside_c
+        return new, jnp.any(new != reach)
+
+    reach, _ = jax.lax.while_loop(lambda s: s[1], grow, (seed, jnp.bool_(True)))
+    enclosed = outside_c & (reach < 0.5) & (labels == 0)[..., None]
+    classes = jnp.arange(masks.shape[-1], dtype=jnp.int32)
+    filled = jnp.max(jnp.where(enclosed, classes, 0), axis=-1)
+    return jnp.where(filled > 0, filled, labels)
+
+
+def _morph_clean(labels: jax.Array, num_classes: int, radius: int, fill_holes: bool) -> jax.Array:
+    """Opening then closing of each foreground class mask; the higher class wins overlaps.
+
+    Pixels removed from every foreground class become background (0).
+    """
+    masks = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32).at[..., 0].set(0.0)
+    if radius > 0:
+        masks = _pool(_pool(masks, radius, "erode"), radius, "dilate")
+        masks = _pool(_pool(masks, radius, "dilate"), radius, "erode")
+    classes = jnp.arange(num_classes, dtype=jnp.int32)
+    labels = jnp.max(jnp.where(masks > 0.5, classes, 0), axis=-1)
+    if fill_holes:
+        labels = _fill_background_holes(labels, masks)
+    return labels
+
+
+def _sharpen(q: jax.Array, temperature: float) -> jax.Array:
+    """q**(1/T) renormalised over the last axis; divides by max q first to avoid underflow."""
+    s = jnp.power(q / jnp.max(q, axis=-1, keepdims=True), 1.0 / temperature)
+    return s / jnp.sum(s, axis=-1, keepdims=True)
+
+
+def cleanse_one(
+    probs: jax.Array,
+    given: jax.Array,
+    clean_prob: jax.Array | float,
+    *,
+    kappa: float = 0.8,
+    fallback: str = "given",
+    temperature: float | None = None,
+    morph_radius: int = 0,
+    fill_holes: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Pseudo-label of one sample: hard (H, W) int32 and soft (H, W, K) float32 targets.
+
+    `probs` (H, W, K) is the model's softmax, `given` (H, W) the given integer label,
+    `clean_prob` the LFM's w for this sample (clipped to [0, 1]). Options are static.
+    """
+    _check_options(kappa, fallback, temperature, morph_radius)
+    probs = jnp.asarray(probs, jnp.float32)
+    num_classes = probs.shape[-1]
+    given = jnp.asarray(given).astype(jnp.int32)
+    labelled = (given >= 0) & (given < num_classes)
+    onehot = jax.nn.one_hot(jnp.where(labelled, given, 0), num_classes, dtype=jnp.float32)
+    onehot = onehot * labelled[..., None]
+    w = jnp.clip(jnp.asarray(clean_prob, jnp.float32), 0.0, 1.0)
+    q = w * onehot + (1.0 - w) * probs
+
+    pseudo = jnp.argmax(q, axis=-1).astype(jnp.int32)
+    if morph_radius > 0 or fill_holes:
+        pseudo = _morph_clean(pseudo, num_classes, morph_radius, fill_holes)
+    otherwise = given if fallback == "given" else jnp.full_like(given, IGNORE_INDEX)
+    hard = jnp.where(jnp.max(q, axis=-1) >= kappa, pseudo, otherwise)
+
+    soft = jnp.where(labelled[..., None], q, probs)
+    if temperature is not None:
+        soft = _sharpen(soft, temperature)
+    return hard, soft
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kappa", "fallback", "temperature", "morph_radius", "fill_holes")
+)
+def cleanse_batch(
+    probs: jax.Array,
+    given: jax.Array,
+    clean_prob: jax.Array,
+    *,
+    kappa: float = 0.8,
+    fallback: str = "given",
+    temperature: float | None = None,
+    morph_radius: int = 0,
+    fill_holes: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,).
+
+    Returns hard (B, H, W) int32 and soft (B, H, W, K) float32; the options are static
+    (a new value compiles anew).
+    """
+    one = functools.partial(
+        cleanse_one,
+        kappa=kappa,
+        fallback=fallback,
+        temperature=temperature,
+        morph_radius=morph_radius,
+        fill_holes=fill_holes,
+    )
+    return jax.vmap(one)(probs, given, clean_prob)
+
+
+def make_cleanser(
+    kappa: float = 0.8,
+    fallback: str = "given",
+    temperature: float | None = None,
+    morph_radius: int = 0,
+    fill_holes: bool = False,
+) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """Bind the options (checked now) and return `fn(probs, given, clean_prob) -> (hard, soft)`.
+
+    The result is the jitted, vmapped `cleanse_batch`; build it once from the config.
+    """
+    _check_options(kappa, fallback, temperature, morph_radius)
+    return functools.partial(
+        cleanse_batch,
+        kappa=kappa,
+        fallback=fallback,
+        temperature=temperature,
+        morph_radius=morph_radius,
+        fill_holes=fill_holes,
+    )

@@ -1,0 +1,124 @@
+"""LCM: restores missing structures, falls back when unsure, soft targets, vmap, morphology."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfcleanse_jax.cleansing.lcm import cleanse_batch, cleanse_one, make_cleanser
+from selfcleanse_jax.data.cases import IGNORE_INDEX
+
+H = W = 16
+K = 4
+
+
+def disk(cy: int, cx: int, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:H, :W]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def confident_probs(label: np.ndarray, conf: float = 0.95) -> jnp.ndarray:
+    """Softmax-like probs putting `conf` on `label` and the rest spread over other classes."""
+    onehot = np.eye(K, dtype=np.float32)[label]
+    return jnp.asarray(onehot * conf + (1 - onehot) * (1 - conf) / (K - 1))
+
+
+@pytest.fixture(scope="module")
+def case() -> dict[str, np.ndarray]:
+    """Clean label with classes 1 (square) and 3 (disk); the given label lacks the disk."""
+    clean = np.zeros((H, W), np.int32)
+    clean[2:7, 2:7] = 1
+    clean[disk(10, 10, 3)] = 3
+    given = np.where(clean == 3, 0, clean)
+    return {"clean": clean, "given": given}
+
+
+def test_restores_deleted_structure_when_model_confident(case):
+    probs = confident_probs(case["clean"])
+    hard, _ = cleanse_one(probs, case["given"], 0.05)
+    np.testing.assert_array_equal(hard, case["clean"])
+    kept, _ = cleanse_one(probs, case["given"], 1.0)
+    np.testing.assert_array_equal(kept, case["given"])
+
+
+@pytest.mark.parametrize("fallback", ["given", "ignore"])
+def test_low_confidence_falls_back(case, fallback):
+    probs = confident_probs(case["clean"], conf=0.5)  # max q = 0.5 < kappa off the given label
+    hard, _ = cleanse_one(probs, case["given"], 0.0, kappa=0.8, fallback=fallback)
+    expected = case["given"] if fallback == "given" else np.full((H, W), IGNORE_INDEX)
+    np.testing.assert_array_equal(hard, expected)
+
+
+def test_ignored_given_pixels_carry_no_label(case):
+    given = case["given"].copy()
+    given[0, :] = IGNORE_INDEX
+    probs = confident_probs(case["clean"])
+    hard, soft = cleanse_one(probs, given, 0.5, kappa=0.45)  # q = 0.5 * p there: 0.475
+    np.testing.assert_array_equal(hard[0], case["clean"][0])
+    np.testing.assert_allclose(soft[0], probs[0], atol=1e-6)
+    hard, _ = cleanse_one(probs, given, 0.5, kappa=0.8)
+    np.testing.assert_array_equal(hard[0], IGNORE_INDEX)
+
+
+def test_soft_targets_sum_to_one_and_temperature_sharpens(case):
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (H, W, K)), axis=-1)
+    _, soft = cleanse_one(probs, case["given"], 0.3)
+    _, sharp = cleanse_one(probs, case["given"], 0.3, temperature=0.5)
+    for s in (soft, sharp):
+        assert s.dtype == jnp.float32
+        np.testing.assert_allclose(jnp.sum(s, axis=-1), 1.0, atol=1e-5)
+    q = 0.3 * jax.nn.one_hot(case["given"], K) + 0.7 * probs
+    np.testing.assert_allclose(soft, q, atol=1e-6)
+    expected = q**2 / jnp.sum(q**2, axis=-1, keepdims=True)
+    np.testing.assert_allclose(sharp, expected, atol=1e-5)
+    assert jnp.all(jnp.max(sharp, axis=-1) >= jnp.max(soft, axis=-1) - 1e-6)
+    np.testing.assert_array_equal(jnp.argmax(sharp, -1), jnp.argmax(soft, -1))
+
+
+def test_vmap_equals_per_sample_loop(case):
+    b = 3
+    logits = 3.0 * jax.random.normal(jax.random.key(1), (b, H, W, K))
+    probs = jax.nn.softmax(logits, axis=-1)
+    given = np.stack([case["given"], case["clean"], case["given"]])
+    given[2, :3, :3] = IGNORE_INDEX
+    w = jnp.array([0.1, 0.6, 0.9])
+    options = dict(kappa=0.6, fallback="ignore", temperature=0.7, morph_radius=1)
+    hard, soft = make_cleanser(**options)(probs, given, w)
+    assert hard.shape == (b, H, W) and hard.dtype == jnp.int32
+    assert soft.shape == (b, H, W, K)
+    for i in range(b):
+        h_i, s_i = cleanse_one(probs[i], given[i], w[i], **options)
+        np.testing.assert_array_equal(hard[i], h_i)
+        np.testing.assert_allclose(soft[i], s_i, atol=1e-6)
+
+
+def test_morphology_removes_isolated_pixel_and_fills_holes():
+    square = np.zeros((H, W), np.int32)
+    square[2:10, 2:10] = 1
+    label = square.copy()
+    label[5, 5] = 0  # one-pixel hole
+    label[14, 13] = 3  # isolated speck
+    probs = confident_probs(label)
+    raw, _ = cleanse_one(probs, label, 0.0)
+    np.testing.assert_array_equal(raw, label)
+    cleaned, _ = cleanse_one(probs, label, 0.0, morph_radius=1)
+    np.testing.assert_array_equal(cleaned, square)
+    ring = np.zeros((H, W), np.int32)
+    ring[3:12, 3:12] = 2
+    ring[5:10, 5:10] = 0
+    ring[7, 7] = 1  # a nested structure keeps its label
+    filled, _ = cleanse_one(confident_probs(ring), ring, 0.0, fill_holes=True)
+    expected = ring.copy()
+    expected[5:10, 5:10] = 2
+    expected[7, 7] = 1
+    np.testing.assert_array_equal(filled, expected)
+
+
+def test_bad_options_raise():
+    probs, given = jnp.full((2, 2, 2), 0.5), jnp.zeros((2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="fallback"):
+        make_cleanser(fallback="drop")
+    with pytest.raises(ValueError, match="temperature"):
+        cleanse_batch(probs[None], given[None], jnp.zeros(1), temperature=0.0)
