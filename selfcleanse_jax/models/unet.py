@@ -1,0 +1,137 @@
+"""A 2D U-Net in Flax NNX: configurable depth, width, normalisation and compute dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS = ("instance", "group", "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the U-Net.
+
+    `depth` counts down-samplings; level `l` has `min(base_width * 2**l, max_width)` channels,
+    so the defaults give 32, 64, 128, 256, 512.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 4
+    depth: int = 4
+    base_width: int = 32
+    max_width: int = 512
+    norm: str = "instance"
+    group_size: int = 8
+    compute_dtype: str = "float32"
+
+    def widths(self) -> list[int]:
+        return [min(self.base_width * 2**level, self.max_width) for level in range(self.depth + 1)]
+
+
+def _make_norm(config: UNetConfig, features: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    if config.norm == "instance":
+        return nnx.InstanceNorm(features, dtype=dtype, rngs=rngs)
+    if config.norm == "group":
+        return nnx.GroupNorm(
+            features,
+            num_groups=None,
+            group_size=min(config.group_size, features),
+            dtype=dtype,
+            rngs=rngs,
+        )
+    if config.norm == "batch":
+        return nnx.BatchNorm(features, momentum=0.9, dtype=dtype, rngs=rngs)
+    raise ValueError(f"model.norm must be one of {NORMS}, got {config.norm!r}")
+
+
+class ConvBlock(nnx.Module):
+    """Two 3x3 convolutions, each followed by normalisation and leaky ReLU."""
+
+    def __init__(
+        self, in_features: int, out_features: int, config: UNetConfig, dtype, rngs: nnx.Rngs
+    ):
+        self.conv1 = nnx.Conv(
+            in_features, out_features, (3, 3), use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.norm1 = _make_norm(config, out_features, dtype, rngs)
+        self.conv2 = nnx.Conv(
+            out_features, out_features, (3, 3), use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.norm2 = _make_norm(config, out_features, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.leaky_relu(self.norm1(self.conv1(x)), 0.01)
+        return nnx.leaky_relu(self.norm2(self.conv2(x)), 0.01)
+
+
+class UNet(nnx.Module):
+    """U-Net mapping images (B, H, W, C) to float32 logits (B, H, W, num_classes).
+
+    H and W must be divisible by 2**depth. Parameters are float32; activations use
+    `compute_dtype` (float32 or bfloat16).
+    """
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+        if config.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"model.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}"
+            )
+        dtype = jnp.dtype(config.compute_dtype)
+        widths = config.widths()
+        self.config = config
+        self.encoders = nnx.List()
+        in_features = config.in_channels
+        for width in widths:
+            self.encoders.append(ConvBlock(in_features, width, config, dtype, rngs))
+            in_features = width
+        self.upsamplers = nnx.List()
+        self.decoders = nnx.List()
+        for width in reversed(widths[:-1]):
+            self.upsamplers.append(
+                nnx.ConvTranspose(
+                    in_features, width, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs
+                )
+            )
+            self.decoders.append(ConvBlock(2 * width, width, config, dtype, rngs))
+            in_features = width
+        self.head = nnx.Conv(in_features, config.num_classes, (1, 1), dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+            x = encoder(x)
+            skips.append(x)
+        skips.pop()
+        for upsample, decoder in zip(self.upsamplers, self.decoders, strict=True):
+            x = upsample(x)
+            x = decoder(jnp.concatenate([x, skips.pop()], axis=-1))
+        return self.head(x.astype(jnp.float32))
+
+
+def conv_flops_per_image(config: UNetConfig, height: int, width: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass, counting convolutions only."""
+    widths = config.widths()
+    flops = 0.0
+    in_features = config.in_channels
+    for level, w in enumerate(widths):
+        pixels = (height // 2**level) * (width // 2**level)
+        flops += 2 * pixels * 9 * (in_features * w + w * w)
+        in_features = w
+    for level in reversed(range(config.depth)):
+        w = widths[level]
+        pixels = (height // 2**level) * (width // 2**level)
+        flops += 2 * pixels * 4 * in_features * w  # transposed 2x2 conv
+        flops += 2 * pixels * 9 * (2 * w * w + w * w)
+        in_features = w
+    flops += 2 * height * width * in_features * config.num_classes
+    return flops
+
+
+def create_unet(config: UNetConfig, seed: int = 0) -> UNet:
+    return UNet(config, rngs=nnx.Rngs(seed))

@@ -1,0 +1,317 @@
+"""Train, evaluation and cleansing steps, written once per device, and their parallel wrappers.
+
+Each step is a pure function of (state, batch, key). `Steps` wraps them for one of:
+
+- `none`: `jax.jit` on one device;
+- `pmap`: `jax.pmap` over local devices, state replicated with a leading device axis;
+- `shard_map`: `jax.jit` of `jax.shard_map` over a `('data',)` mesh, state replicated.
+
+All three compute the same global-batch update: every device differentiates its share of
+the global mean loss and the shares are summed with `lax.psum`; batch statistics (BatchNorm)
+are averaged with `lax.pmean`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from selfcleanse_jax.augment import AugmentConfig, augment_batch
+from selfcleanse_jax.cleansing.lcm import cleanse_one
+from selfcleanse_jax.losses import label_targets, per_sample_loss
+from selfcleanse_jax.models.unet import UNet, UNetConfig
+
+PARALLEL_MODES = ("auto", "pmap", "shard_map", "none")
+AXIS = "data"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the steps (hashable, so jit can treat them as constants)."""
+
+    num_classes: int
+    dice_weight: float = 1.0
+    soft_targets: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    kappa: float = 0.8
+    fallback: str = "given"
+    temperature: float | None = None
+    morph_radius: int = 0
+
+
+def init_model(
+    model_config: UNetConfig, seed: int
+) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """Train-mode and eval-mode graphdefs, parameters and batch statistics of a new U-Net."""
+    model = UNet(model_config, rngs=nnx.Rngs(seed))
+    train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    eval_model = nnx.view(model, use_running_average=True, raise_if_not_found=False)
+    eval_graphdef = nnx.split(eval_model, nnx.Param, nnx.BatchStat)[0]
+    return train_graphdef, eval_graphdef, params, batch_stats
+
+
+def _psum(x, axis_name: str | None):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _pmean(x, axis_name: str | None):
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _batch_targets(batch: dict, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    targets, mask = label_targets(batch["target"], num_classes)
+    if "soft_target" in batch:
+        targets = batch["soft_target"].astype(jnp.float32) * mask[..., None]
+    return targets, mask
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    key: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    config: StepConfig,
+    axis_name: str | None = None,
+) -> tuple[TrainState, jax.Array]:
+    """One optimiser step on this device's share of the global batch.
+
+    batch: image (B, H, W, C), target (B, H, W) int (IGNORE_INDEX ignored), optional
+    soft_target (B, H, W, K), weight (B,) per-sample loss weight, idx (B,) sample ids.
+    The loss is `sum_i weight_i * loss_i / global_batch_size`. Returns the new state and the
+    per-sample losses (B,) against the training targets.
+    """
+    targets, mask = _batch_targets(batch, config.num_classes)
+    images, targets, mask = augment_batch(
+        key, batch["idx"], batch["image"], targets, mask, config.augment, config.soft_targets
+    )
+    weights = batch["weight"].astype(jnp.float32)
+    global_batch = _psum(jnp.asarray(weights.shape[0], jnp.float32), axis_name)
+
+    def loss_fn(params):
+        # Fresh BatchStat variables at this trace level, so BatchNorm may update them.
+        batch_stats = jax.tree.map(lambda v: v, state.batch_stats)
+        model = nnx.merge(graphdef, params, batch_stats)
+        losses = per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
+        new_stats = nnx.state(model, nnx.BatchStat)
+        return jnp.sum(weights * losses) / global_batch, (losses, new_stats)
+
+    grads, (losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = _psum(grads, axis_name)
+    batch_stats = _pmean(batch_stats, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, losses
+
+
+def eval_step(
+    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses.
+
+    The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label).
+    """
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    logits = model(batch["image"])
+    targets, mask = label_targets(batch["target"], config.num_classes)
+    losses = per_sample_loss(logits, targets, mask, dice_weight=config.dice_weight)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8), losses
+
+
+def cleanse_step(
+    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
+) -> tuple[jax.Array, jax.Array]:
+    """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
+
+    batch: image, target (the given label) and clean_prob (B,) from the LFM.
+    """
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    probs = jax.nn.softmax(model(batch["image"]), axis=-1)
+    cleanse = functools.partial(
+        cleanse_one,
+        kappa=config.kappa,
+        fallback=config.fallback,
+        temperature=config.temperature,
+        morph_radius=config.morph_radius,
+    )
+    hard, soft = jax.vmap(cleanse)(probs, batch["target"], batch["clean_prob"])
+    return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
+
+
+def _data_mesh(devices: list) -> jax.sharding.Mesh:
+    """A 1-D ('data',) mesh with Auto axes: the per-device code says where to communicate."""
+    return jax.make_mesh(
+        (len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def resolve_parallel(mode: str, num_devices: int | None = None) -> str:
+    """`auto` picks shard_map when there are several local devices, else none."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    num_devices = jax.local_device_count() if num_devices is None else num_devices
+    return "shard_map" if num_devices > 1 else "none"
+
+
+class Steps:
+    """The steps wrapped for one parallel mode, with the state and batch placement they need.
+
+    Batches are host numpy dicts whose leading axis is the global (per-process) batch; it
+    must be divisible by the number of devices (`pad_batch` pads evaluation batches).
+    """
+
+    def __init__(
+        self,
+        model_config: UNetConfig,
+        tx: optax.GradientTransformation,
+        config: StepConfig,
+        parallel: str = "auto",
+        devices: list | None = None,
+    ):
+        self.model_config = model_config
+        self.tx = tx
+        train_graphdef, eval_graphdef, _, _ = init_model(model_config, 0)
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        self.mode = resolve_parallel(parallel, len(self.devices))
+        if self.mode == "none":
+            self.devices = self.devices[:1]
+        self.num_devices = len(self.devices)
+        train = functools.partial(train_step, graphdef=train_graphdef, tx=tx, config=config)
+        evaluate = functools.partial(eval_step, graphdef=eval_graphdef, config=config)
+        cleanse = functools.partial(cleanse_step, graphdef=eval_graphdef, config=config)
+
+        if self.mode == "none":
+            self._train = jax.jit(train, donate_argnums=0)
+            self._eval = jax.jit(evaluate)
+            self._cleanse = jax.jit(cleanse)
+        elif self.mode == "pmap":
+            self._device_axis = NamedSharding(_data_mesh(self.devices), P(AXIS))
+            self._train = jax.pmap(
+                functools.partial(train, axis_name=AXIS),
+                axis_name=AXIS,
+                in_axes=(0, 0, None),
+                donate_argnums=0,
+                devices=self.devices,
+            )
+            self._eval = jax.pmap(evaluate, axis_name=AXIS, devices=self.devices)
+            self._cleanse = jax.pmap(cleanse, axis_name=AXIS, devices=self.devices)
+        elif self.mode == "shard_map":
+            self.mesh = _data_mesh(self.devices)
+            self._train = jax.jit(
+                jax.shard_map(
+                    functools.partial(train, axis_name=AXIS),
+                    mesh=self.mesh,
+                    in_specs=(P(), P(AXIS), P()),
+                    out_specs=(P(), P(AXIS)),
+                    # The step reduces gradients itself, exactly as under pmap; with
+                    # check_vma on, JAX would also psum the gradient of the replicated
+                    # parameters and count every device's share twice.
+                    check_vma=False,
+                ),
+                donate_argnums=0,
+            )
+            self._eval = jax.jit(
+                jax.shard_map(evaluate, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+            )
+            self._cleanse = jax.jit(
+                jax.shard_map(cleanse, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+            )
+
+    def init_state(self, seed: int) -> TrainState:
+        """A new model and optimiser state, placed for this mode."""
+        _, _, params, batch_stats = init_model(self.model_config, seed)
+        return self.put_state(
+            TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                batch_stats=batch_stats,
+                opt_state=self.tx.init(params),
+            )
+        )
+
+    def put_state(self, state: TrainState) -> TrainState:
+        """Place a host (or single-device) state for this mode."""
+        if self.mode == "pmap":
+            stacked = jax.tree.map(
+                lambda x: np.broadcast_to(x, (self.num_devices, *np.shape(x))),
+                jax.device_get(state),
+            )
+            return jax.device_put(stacked, self._device_axis)
+        if self.mode == "shard_map":
+            return jax.device_put(state, NamedSharding(self.mesh, P()))
+        return jax.device_put(state, self.devices[0])
+
+    def get_state(self, state: TrainState) -> TrainState:
+        """The state as one copy (undoes the pmap device axis)."""
+        if self.mode == "pmap":
+            state = jax.tree.map(lambda x: x[0], state)
+        return jax.device_get(state)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mode == "pmap":
+            return jax.device_put(
+                {k: v.reshape(self.num_devices, -1, *v.shape[1:]) for k, v in batch.items()},
+                self._device_axis,
+            )
+        if self.mode == "shard_map":
+            return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+        return jax.device_put(batch, self.devices[0])
+
+    def _flat(self, x: jax.Array) -> jax.Array:
+        return x.reshape(-1, *x.shape[2:]) if self.mode == "pmap" else x
+
+    def pad_batch(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Pad the leading axis to a multiple of the device count; return the true size."""
+        size = len(next(iter(batch.values())))
+        padded = -(-size // self.num_devices) * self.num_devices
+        if padded == size:
+            return batch, size
+        pad = lambda v: np.concatenate([v, np.repeat(v[-1:], padded - size, axis=0)])  # noqa: E731
+        return {k: pad(v) for k, v in batch.items()}, size
+
+    def train(
+        self, state: TrainState, batch: dict[str, np.ndarray], key: jax.Array
+    ) -> tuple[TrainState, jax.Array]:
+        state, losses = self._train(state, self.put_batch(batch), key)
+        return state, self._flat(losses)
+
+    def evaluate(
+        self, state: TrainState, batch: dict[str, np.ndarray]
+    ) -> tuple[jax.Array, jax.Array]:
+        batch, size = self.pad_batch(batch)
+        predictions, losses = self._eval(state, self.put_batch(batch))
+        return self._flat(predictions)[:size], self._flat(losses)[:size]
+
+    def cleanse(
+        self, state: TrainState, batch: dict[str, np.ndarray]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        batch, size = self.pad_batch(batch)
+        hard, soft = self._cleanse(state, self.put_batch(batch))
+        return self._flat(hard)[:size], None if soft is None else self._flat(soft)[:size]

@@ -1,0 +1,124 @@
+"""The train step gives the same update on one device, under pmap and under shard_map."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from selfcleanse_jax.augment import AugmentConfig
+from selfcleanse_jax.data.cases import IGNORE_INDEX
+from selfcleanse_jax.losses import label_targets, per_sample_loss
+from selfcleanse_jax.models.unet import UNetConfig
+from selfcleanse_jax.steps import StepConfig, Steps, resolve_parallel
+
+MODEL = UNetConfig(num_classes=3, depth=2, base_width=4, max_width=16)
+CONFIG = StepConfig(num_classes=3, augment=AugmentConfig(enabled=True))
+
+
+def _batch(seed: int = 0, size: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, (size, 16, 16)).astype(np.uint8)
+    labels[0, :2] = IGNORE_INDEX
+    return {
+        "image": rng.normal(size=(size, 16, 16, 1)).astype(np.float32),
+        "target": labels,
+        "weight": rng.uniform(0.0, 1.0, size).astype(np.float32),
+        "idx": np.arange(size, dtype=np.int32) + 100,
+    }
+
+
+def _one_step(mode: str, model=MODEL, config=CONFIG):
+    steps = Steps(model, optax.sgd(0.1), config, parallel=mode)
+    state = steps.init_state(seed=0)
+    state, losses = steps.train(state, _batch(), jax.random.key(1))
+    return steps.get_state(state), np.asarray(losses)
+
+
+def test_simulated_devices_are_present():
+    assert jax.local_device_count() == 4
+    assert resolve_parallel("auto") == "shard_map"
+
+
+def test_parallel_modes_give_the_same_parameters():
+    reference, reference_losses = _one_step("none")
+    for mode in ("pmap", "shard_map"):
+        state, losses = _one_step(mode)
+        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
+        flat_ref = jax.tree.leaves(reference.params)
+        flat = jax.tree.leaves(state.params)
+        for a, b in zip(flat, flat_ref, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=mode)
+        assert int(state.step) == 1
+
+
+def test_step_changes_parameters():
+    steps = Steps(MODEL, optax.adam(1e-2), CONFIG, parallel="none")
+    before = steps.get_state(steps.init_state(0))
+    after, _ = _one_step("none")
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True)
+    ]
+    assert all(moved)
+
+
+def test_batch_norm_statistics_agree_between_pmap_and_shard_map():
+    model = dataclasses.replace(MODEL, norm="batch")
+    pmapped, _ = _one_step("pmap", model)
+    sharded, _ = _one_step("shard_map", model)
+    for a, b in zip(
+        jax.tree.leaves(pmapped.batch_stats), jax.tree.leaves(sharded.batch_stats), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_losses_equal_one_sample_at_a_time():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 12, 12, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, (5, 12, 12))
+    labels[2] = 0  # a sample with no foreground
+    labels[3, :4] = IGNORE_INDEX
+    targets, mask = label_targets(labels, 4)
+    batched = per_sample_loss(logits, targets, mask)
+    single = [
+        float(per_sample_loss(logits[i : i + 1], targets[i : i + 1], mask[i : i + 1])[0])
+        for i in range(5)
+    ]
+    np.testing.assert_allclose(batched, single, rtol=1e-6)
+
+
+def test_evaluation_losses_do_not_depend_on_the_batch():
+    steps = Steps(MODEL, optax.adam(1e-2), CONFIG, parallel="shard_map")
+    state = steps.init_state(0)
+    batch = _batch(size=6)  # 6 is padded to 8 over 4 devices
+    _, batched = steps.evaluate(state, {"image": batch["image"], "target": batch["target"]})
+    single = [
+        float(
+            steps.evaluate(
+                state, {"image": batch["image"][i : i + 1], "target": batch["target"][i : i + 1]}
+            )[1][0]
+        )
+        for i in range(6)
+    ]
+    assert batched.shape == (6,)
+    np.testing.assert_allclose(batched, single, rtol=1e-5)
+
+
+def test_loss_is_low_for_a_perfect_prediction_and_high_for_a_wrong_one():
+    labels = np.zeros((1, 8, 8), np.int64)
+    labels[0, 2:6, 2:6] = 1
+    targets, mask = label_targets(labels, 2)
+    perfect = per_sample_loss(np.asarray(targets) * 40.0 - 20.0, targets, mask)
+    wrong = per_sample_loss((1 - np.asarray(targets)) * 40.0 - 20.0, targets, mask)
+    assert float(perfect[0]) < 1e-3
+    assert float(wrong[0]) > 10.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_bfloat16_compute_keeps_float32_parameters(dtype):
+    model = dataclasses.replace(MODEL, compute_dtype=dtype)
+    state, losses = _one_step("none", model)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
+    assert np.all(np.isfinite(losses))
