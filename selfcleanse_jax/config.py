@@ -1,0 +1,85 @@
+"""The default configuration: every key the library reads, with its default.
+
+`configs/*.py` start from `default_config()` and change what they need; the command line
+overrides any key with `--config.KEY=VALUE`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("baseline", "filter", "selfcleanse", "oracle")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Self-cleansing on the embedded cardiac phantom with 50% boundary noise."""
+    c = ml_collections.ConfigDict()
+    c.method = "selfcleanse"
+    c.seed = 0
+    c.parallel = "auto"
+    c.progress = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # an MSD-layout dataset; empty: the phantom, generated in memory
+    c.data.image_size = 128
+    c.data.test_fraction = 0.2  # held-out cases when the dataset has no labelled test split
+    c.data.phantom_train_cases = 40
+    c.data.phantom_test_cases = 10
+    c.data.phantom_slices = 8
+
+    c.noise = ml_collections.ConfigDict()
+    c.noise.kind = "boundary"  # none | boundary | missing
+    c.noise.rate = 0.5
+    c.noise.seed = 0
+    c.noise.params = ml_collections.ConfigDict()  # the noise model's parameters, e.g. radius
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 4
+    c.model.base_width = 32
+    c.model.max_width = 512
+    c.model.norm = "instance"
+    c.model.compute_dtype = "float32"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 50
+    c.train.batch_size = 8
+    c.train.eval_batch_size = 32
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4
+    c.train.warmup_steps = 50
+    c.train.dice_weight = 1.0
+    c.train.eval_every = 5
+    c.train.checkpoint = True  # save to WORKDIR/checkpoints and resume from there
+    c.train.checkpoint_every = 5  # epochs; the last epoch is always saved
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.enabled = True
+    c.augment.flip = True
+    c.augment.rot90 = True
+    c.augment.max_rotation_deg = 15.0
+    c.augment.max_scale = 0.1
+    c.augment.max_translate = 0.05
+    c.augment.intensity_scale = 0.1
+    c.augment.intensity_shift = 0.1
+
+    c.cleanse = ml_collections.ConfigDict()
+    c.cleanse.warmup_epochs = -1  # -1: 10% of the epochs, at least 1
+    c.cleanse.gmm_backend = "jax"  # jax | sklearn
+    c.cleanse.tau = 0.5
+    c.cleanse.reg_covar = 5e-4
+    c.cleanse.loss_window = 1  # mean of the per-sample loss over the last k rounds
+    c.cleanse.kappa = 0.8
+    c.cleanse.fallback = "given"  # given | ignore
+    c.cleanse.soft_targets = False
+    c.cleanse.temperature = 1.0
+    c.cleanse.morph_radius = 0
+    c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
+    c.cleanse.ramp_epochs = 3
+    return c
+
+
+def warmup_epochs(config: ml_collections.ConfigDict) -> int:
+    """Epochs of plain training before the first filtering round."""
+    if config.cleanse.warmup_epochs >= 0:
+        return int(config.cleanse.warmup_epochs)
+    return max(1, round(0.1 * config.train.epochs))

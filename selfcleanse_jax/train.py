@@ -1,0 +1,398 @@
+"""The training loop: warm-up, a filtering/cleansing round every epoch after it, joint supervision.
+
+`run(config, workdir)` trains one model and returns a summary; per-epoch metrics go to
+`workdir/metrics.jsonl` (one JSON object per line, written by process 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from selfcleanse_jax import metrics
+from selfcleanse_jax.augment import AugmentConfig
+from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.cleansing.gmm import split_clean_noisy
+from selfcleanse_jax.config import METHODS, warmup_epochs
+from selfcleanse_jax.data.cases import SliceTable
+from selfcleanse_jax.data.loading import Dataset, load_dataset
+from selfcleanse_jax.models.unet import UNetConfig
+from selfcleanse_jax.noise import apply_noise
+from selfcleanse_jax.steps import StepConfig, Steps, TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TargetBank:
+    """What each training sample is supervised with, updated by every cleansing round."""
+
+    given: np.ndarray  # (N, H, W) uint8, the labels as given (possibly noisy)
+    targets: np.ndarray  # (N, H, W) uint8, the current training targets
+    weights: np.ndarray  # (N,) float32, per-sample loss weights
+    clean_prob: np.ndarray  # (N,) float32, w_i from the last filtering round
+    flagged: np.ndarray  # (N,) bool, flagged noisy in the last round
+    soft: np.ndarray | None = None  # (N, H, W, K) float16 soft targets, when enabled
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, num_classes: int, soft: bool) -> TargetBank:
+        n = len(labels)
+        bank = cls(
+            given=labels,
+            targets=labels.copy(),
+            weights=np.ones(n, np.float32),
+            clean_prob=np.ones(n, np.float32),
+            flagged=np.zeros(n, bool),
+        )
+        if soft:
+            bank.soft = np.eye(num_classes, dtype=np.float16)[np.minimum(labels, num_classes - 1)]
+        return bank
+
+    def reset(self) -> None:
+        """Every sample back to its given label with weight 1."""
+        self.targets[...] = self.given
+        self.weights[...] = 1.0
+        if self.soft is not None:
+            self.soft[...] = np.eye(self.soft.shape[-1], dtype=np.float16)[self.given]
+
+    def batch(self, table: SliceTable, idx: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {
+            "image": table.images[idx],
+            "target": self.targets[idx],
+            "weight": self.weights[idx],
+            "idx": idx.astype(np.int32),
+        }
+        if self.soft is not None:
+            batch["soft_target"] = self.soft[idx]
+        return batch
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
+    """Index batches of one epoch: shuffled by (seed, epoch), this process's share, full only."""
+    dataset = grain.MapDataset.range(num_samples).shuffle(seed=seed * 100_003 + epoch)
+    dataset = dataset[jax.process_index() :: jax.process_count()]
+    return dataset.batch(batch_size, drop_remainder=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay to 1% of the peak rate."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+
+    def build(self) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=self.learning_rate,
+            warmup_steps=min(self.warmup_steps, max(self.total_steps // 10, 1)),
+            decay_steps=max(self.total_steps, 2),
+            end_value=self.learning_rate * 0.01,
+        )
+        return optax.adamw(schedule, weight_decay=self.weight_decay)
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_steps(
+    model: UNetConfig, steps: StepConfig, optimizer: OptimizerConfig, parallel: str
+) -> Steps:
+    """Steps for these settings, shared by runs that differ only in method, seed or data,
+    so that they compile once per process."""
+    return Steps(model, optimizer.build(), steps, parallel)
+
+
+def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
+    c = config.cleanse
+    return StepConfig(
+        num_classes=num_classes,
+        dice_weight=config.train.dice_weight,
+        soft_targets=c.soft_targets,
+        augment=AugmentConfig(**config.augment.to_dict()),
+        kappa=c.kappa,
+        fallback=c.fallback,
+        temperature=c.temperature if c.soft_targets else None,
+        morph_radius=c.morph_radius,
+    )
+
+
+def model_config(
+    config: ml_collections.ConfigDict, in_channels: int, num_classes: int
+) -> UNetConfig:
+    m = config.model
+    return UNetConfig(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        depth=m.depth,
+        base_width=m.base_width,
+        max_width=m.max_width,
+        norm=m.norm,
+        compute_dtype=m.compute_dtype,
+    )
+
+
+def _in_batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
+
+
+def evaluate_losses(
+    steps: Steps, state: TrainState, table: SliceTable, labels: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted labels and per-sample losses against `labels` for every slice, no augmentation."""
+    predictions, losses = [], []
+    for idx in _in_batches(len(table), batch_size):
+        pred, loss = steps.evaluate(state, {"image": table.images[idx], "target": labels[idx]})
+        predictions.append(pred)
+        losses.append(loss)
+    return np.concatenate(jax.device_get(predictions)), np.concatenate(jax.device_get(losses))
+
+
+def test_dice(
+    steps: Steps, state: TrainState, table: SliceTable, num_classes: int, batch_size: int
+) -> np.ndarray:
+    """Volume-level Dice per foreground class, averaged over the test cases."""
+    predictions, _ = evaluate_losses(steps, state, table, table.labels, batch_size)
+    per_case = [
+        metrics.dice_per_class(predictions[members], table.labels[members], num_classes)
+        for members in (table.volume_slices(c) for c in range(len(table.case_names)))
+    ]
+    return np.mean(per_case, axis=0)
+
+
+class Trainer:
+    """One training run of one method on one dataset and noise realisation."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str | Path, dataset: Dataset | None = None
+    ):
+        if config.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dataset = load_dataset(config) if dataset is None else dataset
+        self.num_classes = self.dataset.num_classes
+        train = self.dataset.train
+        self.noise = apply_noise(
+            train.labels,
+            config.noise.kind,
+            config.noise.rate,
+            config.noise.seed,
+            self.num_classes,
+            params=config.noise.params.to_dict(),
+        )
+        if config.method == "oracle" and config.noise.kind == "none":
+            log.info("oracle with noise.kind=none trains on the given labels")
+        supervision = train.labels if config.method == "oracle" else self.noise.noisy_labels
+        self.bank = TargetBank.from_labels(
+            supervision, self.num_classes, config.cleanse.soft_targets
+        )
+        self.loss_history: list[np.ndarray] = []
+
+        batch_size = config.train.batch_size
+        self.steps_per_epoch = len(train) // jax.process_count() // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(train)} training slices are fewer than one batch of {batch_size}"
+            )
+        optimizer = OptimizerConfig(
+            learning_rate=config.train.learning_rate,
+            weight_decay=config.train.weight_decay,
+            warmup_steps=config.train.warmup_steps,
+            total_steps=self.steps_per_epoch * config.train.epochs,
+        )
+        self.steps = compiled_steps(
+            model_config(config, train.images.shape[-1], self.num_classes),
+            step_config(config, self.num_classes),
+            optimizer,
+            config.parallel,
+        )
+        if batch_size % self.steps.num_devices:
+            raise ValueError(
+                f"train.batch_size {batch_size} is not divisible by the "
+                f"{self.steps.num_devices} devices"
+            )
+        self.state = self.steps.init_state(config.seed)
+        self.warmup = warmup_epochs(config)
+
+    # -- one cleansing round -------------------------------------------------------------
+    def cleansing_round(self, epoch: int) -> dict:
+        """LFM on the given labels, then (selfcleanse) LCM for the flagged samples."""
+        c = self.config.cleanse
+        train = self.dataset.train
+        _, losses = evaluate_losses(
+            self.steps, self.state, train, self.bank.given, self.config.train.eval_batch_size
+        )
+        self.loss_history = (self.loss_history + [losses])[-c.loss_window :]
+        result = split_clean_noisy(
+            np.mean(self.loss_history, axis=0),
+            backend=c.gmm_backend,
+            tau=c.tau,
+            reg_covar=c.reg_covar,
+        )
+        if result.message:
+            log.warning("epoch %d: %s", epoch, result.message)
+        bank = self.bank
+        bank.reset()
+        bank.clean_prob[...] = result.clean_prob
+        bank.flagged[...] = result.noisy
+        ramp = min(1.0, (epoch - self.warmup + 1) / max(c.ramp_epochs, 1))
+        flagged = np.flatnonzero(result.noisy)
+        if self.config.method == "filter":
+            bank.weights[flagged] = 0.0
+        else:
+            bank.weights[flagged] = c.weight * ramp
+            for idx in _in_batches(len(flagged), self.config.train.eval_batch_size):
+                members = flagged[idx]
+                hard, soft = self.steps.cleanse(
+                    self.state,
+                    {
+                        "image": train.images[members],
+                        "target": bank.given[members],
+                        "clean_prob": bank.clean_prob[members],
+                    },
+                )
+                bank.targets[members] = np.asarray(hard)
+                if soft is not None:
+                    bank.soft[members] = np.asarray(soft, np.float16)
+        record = {
+            "flagged": int(len(flagged)),
+            "gmm_means": [float(m) for m in np.asarray(result.fit.means)],
+            "gmm_degenerate": bool(result.fit.degenerate),
+        }
+        if self.config.noise.kind != "none":
+            record["detection"] = metrics.detection_metrics(
+                self.noise.is_noisy, 1.0 - bank.clean_prob, bank.flagged
+            )
+            if len(flagged) and self.config.method == "selfcleanse":
+                clean = train.labels[flagged]
+                record["pseudo_label_dice"] = {
+                    "given": metrics.label_dice(bank.given[flagged], clean, self.num_classes),
+                    "cleansed": metrics.label_dice(bank.targets[flagged], clean, self.num_classes),
+                }
+        return record
+
+    # -- the loop --------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> float:
+        train = self.dataset.train
+        key = jax.random.key(self.config.seed)
+        losses = []
+        for idx in epoch_batches(len(train), self.config.train.batch_size, self.config.seed, epoch):
+            step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + len(losses))
+            self.state, loss = self.steps.train(self.state, self.bank.batch(train, idx), step_key)
+            losses.append(loss)
+        return float(np.mean(jax.device_get(losses)))
+
+    def evaluate_test(self) -> dict:
+        dice = test_dice(
+            self.steps,
+            self.state,
+            self.dataset.test,
+            self.num_classes,
+            self.config.train.eval_batch_size,
+        )
+        return {
+            "test_dice": float(np.mean(dice)),
+            "test_dice_per_class": self.dataset.per_class(dice),
+        }
+
+    def _bank_arrays(self) -> dict[str, np.ndarray]:
+        bank = self.bank
+        arrays = {
+            "targets": bank.targets,
+            "weights": bank.weights,
+            "clean_prob": bank.clean_prob,
+            "flagged": bank.flagged,
+        }
+        return arrays if bank.soft is None else {**arrays, "soft": bank.soft}
+
+    def save(self, checkpointer: Checkpointer, epoch: int) -> None:
+        checkpointer.save(
+            epoch,
+            self.steps.get_state(self.state),
+            self._bank_arrays(),
+            self.loss_history,
+            {"epoch": epoch, "method": self.config.method},
+        )
+
+    def resume(self, checkpointer: Checkpointer) -> int:
+        """Load the latest checkpoint in the workdir, if any; return the next epoch to run."""
+        epoch = checkpointer.latest_epoch()
+        if epoch is None:
+            return 0
+        state, bank, self.loss_history, _ = checkpointer.restore(
+            epoch, self.steps.get_state(self.state), self._bank_arrays()
+        )
+        self.state = self.steps.put_state(state)
+        for name, array in bank.items():
+            getattr(self.bank, name)[...] = array
+        log.info("resumed from %s after epoch %d", checkpointer.manager.directory, epoch)
+        return epoch + 1
+
+    def run(self) -> dict:
+        """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
+        config = self.config
+        cleansing = config.method in ("filter", "selfcleanse")
+        self.noise.save(self.workdir / "noise_card.json")
+        metrics_path = self.workdir / "metrics.jsonl"
+        checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
+        first_epoch = self.resume(checkpointer) if checkpointer else 0
+        if first_epoch == 0:
+            metrics_path.unlink(missing_ok=True)
+        summary: dict = {"method": config.method, "noise": config.noise.kind}
+        start = time.perf_counter()
+        epochs = range(first_epoch, config.train.epochs)
+        bar = tqdm(
+            epochs, desc=config.method, unit="epoch", leave=False, disable=not config.progress
+        )
+        record: dict = {}
+        for epoch in bar:
+            record = {"epoch": epoch}
+            if cleansing and epoch >= self.warmup:
+                record["cleanse"] = self.cleansing_round(epoch)
+            record["train_loss"] = self.train_epoch(epoch)
+            last = epoch == config.train.epochs - 1
+            every = config.train.eval_every
+            if last or (every and (epoch + 1) % every == 0):
+                record.update(self.evaluate_test())
+            if checkpointer and (last or (epoch + 1) % config.train.checkpoint_every == 0):
+                self.save(checkpointer, epoch)
+            record["seconds"] = time.perf_counter() - start
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.3f}",
+                dice=f"{record.get('test_dice', float('nan')):.3f}",
+            )
+            if jax.process_index() == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if checkpointer:
+            checkpointer.close()
+        if "test_dice" not in record:
+            record.update(self.evaluate_test())
+        summary.update(
+            test_dice=record["test_dice"],
+            test_dice_per_class=record["test_dice_per_class"],
+            cleanse=record.get("cleanse"),
+            seconds=time.perf_counter() - start,
+        )
+        return summary
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str | Path, dataset: Dataset | None = None
+) -> dict:
+    """Train one model as configured; return the summary of the final epoch."""
+    return Trainer(config, workdir, dataset).run()
