@@ -1,0 +1,115 @@
+"""Throughput figures: train and forward steps, an epoch, a cleansing round, GMM fits.
+
+Each figure is timed after compilation (one untimed call first) and with the device
+synchronised (`block_until_ready`) before the clock stops.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfcleanse_jax import train
+from selfcleanse_jax.cleansing.gmm import fit_gmm_jax, fit_gmm_sklearn
+from selfcleanse_jax.config import default_config
+from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.models.unet import conv_flops_per_image
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per call, best of `repeats`, after one warm-up call."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured float32 matmul rate on the default device."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    return 2 * size**3 / _timed(lambda: matmul(a), repeats)
+
+
+def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    figures: dict = {"jax": {}, "sklearn": {}}
+    for n in sizes:
+        clean = rng.normal(0.2, 0.05, int(0.7 * n))
+        noisy = rng.normal(0.6, 0.1, n - len(clean))
+        losses = np.concatenate([clean, noisy]).astype(np.float32)
+        device_losses = jnp.asarray(losses)
+        figures["jax"][str(n)] = _timed(lambda x=device_losses: fit_gmm_jax(x).clean_prob, repeats)
+        figures["sklearn"][str(n)] = _timed(
+            lambda x=losses: fit_gmm_sklearn(x), max(1, repeats // 2)
+        )
+    return figures
+
+
+def run(quick: bool = False) -> dict:
+    """All figures as a flat JSON-ready dict; `quick` uses fewer repeats and smaller sets."""
+    repeats = 2 if quick else 5
+    config = default_config()
+    config.progress = False
+    config.method = "selfcleanse"
+    config.noise.kind = "boundary"
+    config.data.image_size = 128
+    config.data.phantom_train_cases = 2 if quick else 8
+    config.data.phantom_test_cases = 1
+    config.train.batch_size = 8
+    config.train.epochs = 2
+    config.train.eval_every = 0
+    config.cleanse.warmup_epochs = 1
+    trainer = train.Trainer(config, "/tmp/selfcleanse_bench", load_dataset(config))
+    steps, table = trainer.steps, trainer.dataset.train
+    key = jax.random.key(0)
+
+    batch = trainer.bank.batch(table, np.arange(8) % len(table))
+
+    def train_step():
+        trainer.state, losses = steps.train(trainer.state, batch, key)
+        return losses
+
+    train_s = _timed(train_step, repeats)
+    forward_batch = {
+        "image": np.resize(table.images, (32, *table.images.shape[1:])),
+        "target": np.resize(table.labels, (32, *table.labels.shape[1:])),
+    }
+    forward_s = _timed(lambda: steps.evaluate(trainer.state, forward_batch), repeats)
+
+    trainer.train_epoch(0)  # compiles nothing new; warms caches
+    start = time.perf_counter()
+    trainer.train_epoch(1)
+    epoch_s = time.perf_counter() - start
+    trainer.cleansing_round(1)
+    start = time.perf_counter()
+    trainer.cleansing_round(1)
+    cleanse_s = time.perf_counter() - start
+
+    matmul = matmul_flops_per_s(1024 if quick else 2048, repeats)
+    height, width = table.images.shape[1:3]
+    train_flops = 3 * conv_flops_per_image(steps.model_config, height, width) * 8 / train_s
+    return {
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "num_devices": steps.num_devices,
+        "parallel": steps.mode,
+        "host": platform.processor() or platform.machine(),
+        "image_size": [int(height), int(width)],
+        "train_images_per_s": 8 / train_s,
+        "forward_images_per_s": 32 / forward_s,
+        "epoch_slices": len(table),
+        "epoch_train_s": epoch_s,
+        "cleanse_round_s": cleanse_s,
+        "gmm_fit_s": gmm_fit_seconds((10_000, 100_000), repeats),
+        "matmul_flops_per_s": matmul,
+        "train_flops_per_s": train_flops,
+        "train_fraction_of_matmul_peak": train_flops / matmul,
+    }
