@@ -1,4 +1,4 @@
-"""Checkpoints of a run: model and optimiser state, the target bank, the loss history.
+"""Checkpoints of a run: model and optimiser state, the target bank and loss history.
 
 This module alone talks to orbax (`CheckpointManager` with `args.Composite`), so that a move
 to another checkpoint API touches one file. Checkpoints are numbered by epoch and live in
@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves and restores {state, bank, history, meta} at epoch boundaries."""
+    """Saves and restores {state, bank, meta} at epoch boundaries."""
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 2):
         self.manager = ocp.CheckpointManager(
@@ -27,22 +27,13 @@ class Checkpointer:
     def latest_epoch(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(
-        self,
-        epoch: int,
-        state: Any,
-        bank: dict[str, np.ndarray],
-        history: list[np.ndarray],
-        meta: dict,
-    ) -> None:
+    def save(self, epoch: int, state: Any, bank: dict[str, np.ndarray], meta: dict) -> None:
         """Save host copies after `epoch` finished; returns when the write is complete."""
-        history_array = np.stack(history) if history else np.zeros((0, 0), np.float32)
         self.manager.save(
             epoch,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 bank=ocp.args.StandardSave(bank),
-                history=ocp.args.StandardSave({"losses": history_array}),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
@@ -50,20 +41,18 @@ class Checkpointer:
 
     def restore(
         self, epoch: int, state_template: Any, bank_template: dict[str, np.ndarray]
-    ) -> tuple[Any, dict[str, np.ndarray], list[np.ndarray], dict]:
+    ) -> tuple[Any, dict[str, np.ndarray], dict]:
         """Restore the checkpoint of `epoch` as host arrays shaped like the templates."""
         restored = self.manager.restore(
             epoch,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(jax.device_get(state_template)),
                 bank=ocp.args.StandardRestore(bank_template),
-                history=ocp.args.StandardRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        history = list(np.asarray(restored["history"]["losses"]))
         bank = {k: np.asarray(v) for k, v in restored["bank"].items()}
-        return restored["state"], bank, history, restored["meta"]
+        return restored["state"], bank, restored["meta"]
 
     def close(self) -> None:
         self.manager.close()

@@ -310,12 +310,17 @@ class Trainer:
         }
 
     def _bank_arrays(self) -> dict[str, np.ndarray]:
+        """The bank and the LFM's loss history as fixed-shape arrays, for checkpoints."""
         bank = self.bank
+        history = np.full((self.config.cleanse.loss_window, len(bank.given)), np.nan, np.float32)
+        if self.loss_history:
+            history[-len(self.loss_history) :] = self.loss_history
         arrays = {
             "targets": bank.targets,
             "weights": bank.weights,
             "clean_prob": bank.clean_prob,
             "flagged": bank.flagged,
+            "loss_history": history,
         }
         return arrays if bank.soft is None else {**arrays, "soft": bank.soft}
 
@@ -324,7 +329,6 @@ class Trainer:
             epoch,
             self.steps.get_state(self.state),
             self._bank_arrays(),
-            self.loss_history,
             {"epoch": epoch, "method": self.config.method},
         )
 
@@ -333,62 +337,74 @@ class Trainer:
         epoch = checkpointer.latest_epoch()
         if epoch is None:
             return 0
-        state, bank, self.loss_history, _ = checkpointer.restore(
+        state, bank, _ = checkpointer.restore(
             epoch, self.steps.get_state(self.state), self._bank_arrays()
         )
         self.state = self.steps.put_state(state)
+        history = bank.pop("loss_history")
+        self.loss_history = [row for row in history if not np.isnan(row).all()]
         for name, array in bank.items():
             getattr(self.bank, name)[...] = array
         log.info("resumed from %s after epoch %d", checkpointer.manager.directory, epoch)
         return epoch + 1
 
+    def run_epoch(self, epoch: int, checkpointer: Checkpointer | None) -> dict:
+        """A cleansing round (after the warm-up), an epoch of training, evaluation, checkpoint."""
+        config = self.config
+        record: dict = {"epoch": epoch}
+        if config.method in ("filter", "selfcleanse") and epoch >= self.warmup:
+            record["cleanse"] = self.cleansing_round(epoch)
+        record["train_loss"] = self.train_epoch(epoch)
+        last = epoch == config.train.epochs - 1
+        every = config.train.eval_every
+        if last or (every and (epoch + 1) % every == 0):
+            record.update(self.evaluate_test())
+        if checkpointer and (last or (epoch + 1) % config.train.checkpoint_every == 0):
+            self.save(checkpointer, epoch)
+        return record
+
     def run(self) -> dict:
         """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
         config = self.config
-        cleansing = config.method in ("filter", "selfcleanse")
         self.noise.save(self.workdir / "noise_card.json")
         metrics_path = self.workdir / "metrics.jsonl"
         checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
-        first_epoch = self.resume(checkpointer) if checkpointer else 0
-        if first_epoch == 0:
-            metrics_path.unlink(missing_ok=True)
-        summary: dict = {"method": config.method, "noise": config.noise.kind}
         start = time.perf_counter()
-        epochs = range(first_epoch, config.train.epochs)
-        bar = tqdm(
-            epochs, desc=config.method, unit="epoch", leave=False, disable=not config.progress
-        )
         record: dict = {}
-        for epoch in bar:
-            record = {"epoch": epoch}
-            if cleansing and epoch >= self.warmup:
-                record["cleanse"] = self.cleansing_round(epoch)
-            record["train_loss"] = self.train_epoch(epoch)
-            last = epoch == config.train.epochs - 1
-            every = config.train.eval_every
-            if last or (every and (epoch + 1) % every == 0):
-                record.update(self.evaluate_test())
-            if checkpointer and (last or (epoch + 1) % config.train.checkpoint_every == 0):
-                self.save(checkpointer, epoch)
-            record["seconds"] = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{record['train_loss']:.3f}",
-                dice=f"{record.get('test_dice', float('nan')):.3f}",
+        try:
+            first_epoch = self.resume(checkpointer) if checkpointer else 0
+            if first_epoch == 0:
+                metrics_path.unlink(missing_ok=True)
+            bar = tqdm(
+                range(first_epoch, config.train.epochs),
+                desc=config.method,
+                unit="epoch",
+                leave=False,
+                disable=not config.progress,
             )
-            if jax.process_index() == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if checkpointer:
-            checkpointer.close()
+            for epoch in bar:
+                record = self.run_epoch(epoch, checkpointer)
+                record["seconds"] = time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.3f}",
+                    dice=f"{record.get('test_dice', float('nan')):.3f}",
+                )
+                if jax.process_index() == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+        finally:
+            if checkpointer:
+                checkpointer.close()
         if "test_dice" not in record:
             record.update(self.evaluate_test())
-        summary.update(
-            test_dice=record["test_dice"],
-            test_dice_per_class=record["test_dice_per_class"],
-            cleanse=record.get("cleanse"),
-            seconds=time.perf_counter() - start,
-        )
-        return summary
+        return {
+            "method": config.method,
+            "noise": config.noise.kind,
+            "test_dice": record["test_dice"],
+            "test_dice_per_class": record["test_dice_per_class"],
+            "cleanse": record.get("cleanse"),
+            "seconds": time.perf_counter() - start,
+        }
 
 
 def run(
