@@ -7,6 +7,8 @@ synchronised (`block_until_ready`) before the clock stops.
 from __future__ import annotations
 
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -68,7 +70,8 @@ def run(quick: bool = False) -> dict:
     config.train.epochs = 2
     config.train.eval_every = 0
     config.cleanse.warmup_epochs = 1
-    trainer = train.Trainer(config, "/tmp/selfcleanse_bench", load_dataset(config))
+    workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_")
+    trainer = train.Trainer(config, workdir, load_dataset(config))
     steps, table = trainer.steps, trainer.dataset.train
     key = jax.random.key(0)
 
@@ -94,6 +97,7 @@ def run(quick: bool = False) -> dict:
     trainer.cleansing_round(1)
     cleanse_s = time.perf_counter() - start
 
+    shutil.rmtree(workdir, ignore_errors=True)
     matmul = matmul_flops_per_s(1024 if quick else 2048, repeats)
     height, width = table.images.shape[1:3]
     train_flops = 3 * conv_flops_per_image(steps.model_config, height, width) * 8 / train_s

@@ -68,11 +68,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.tau = 0.5
     c.cleanse.reg_covar = 5e-4
     c.cleanse.loss_window = 1  # mean of the per-sample loss over the last k rounds
+    c.cleanse.sticky = False  # keep each sample's lowest clean probability across rounds
     c.cleanse.kappa = 0.8
     c.cleanse.fallback = "given"  # given | ignore
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0
+    c.cleanse.flip_average = False  # average the model's softmax with a mirrored pass
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
     c.cleanse.ramp_epochs = 3
     return c

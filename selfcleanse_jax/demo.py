@@ -27,12 +27,12 @@ def demo_config(quick: bool) -> ml_collections.ConfigDict:
     config.progress = True
     if quick:
         config.data.image_size = 64
-        config.data.phantom_train_cases = 24
+        config.data.phantom_train_cases = 12
         config.data.phantom_test_cases = 8
         config.data.phantom_slices = 6
         config.model.depth = 3
         config.model.base_width = 16
-        config.train.epochs = 16
+        config.train.epochs = 40
         config.train.batch_size = 8
         config.train.learning_rate = 2e-3
         config.train.eval_every = 0
@@ -87,10 +87,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(output: Path, quick: bool = False, parallel: str = "auto") -> dict:
-    """Run the comparison; write `output/demo_results.json` and `.md`; print the table."""
+def main(
+    output: Path,
+    quick: bool = False,
+    parallel: str = "auto",
+    config: ml_collections.ConfigDict | None = None,
+) -> dict:
+    """Run the comparison; write `output/demo_results.json` and `.md`; print the table.
+
+    `config` replaces the demo's own settings (method and noise kind are set per run).
+    """
     start = time.perf_counter()
-    config = demo_config(quick)
+    config = demo_config(quick) if config is None else config
     config.parallel = parallel
     output.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config)

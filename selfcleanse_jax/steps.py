@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
-from selfcleanse_jax.cleansing.lcm import cleanse_one
+from selfcleanse_jax.cleansing.lcm import cleanse_batch
 from selfcleanse_jax.losses import label_targets, per_sample_loss
 from selfcleanse_jax.models.unet import UNet, UNetConfig
 
@@ -56,6 +56,7 @@ class StepConfig:
     fallback: str = "given"
     temperature: float | None = None
     morph_radius: int = 0
+    flip_average: bool = False
 
 
 def init_model(
@@ -145,21 +146,25 @@ def eval_step(
 
 def cleanse_step(
     state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array | None]:
     """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
 
     batch: image, target (the given label) and clean_prob (B,) from the LFM.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     probs = jax.nn.softmax(model(batch["image"]), axis=-1)
-    cleanse = functools.partial(
-        cleanse_one,
+    if config.flip_average:
+        mirrored = jax.nn.softmax(model(batch["image"][:, :, ::-1]), axis=-1)[:, :, ::-1]
+        probs = 0.5 * (probs + mirrored)
+    hard, soft = cleanse_batch(
+        probs,
+        batch["target"],
+        batch["clean_prob"],
         kappa=config.kappa,
         fallback=config.fallback,
         temperature=config.temperature,
         morph_radius=config.morph_radius,
     )
-    hard, soft = jax.vmap(cleanse)(probs, batch["target"], batch["clean_prob"])
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 
 

@@ -125,6 +125,7 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         fallback=c.fallback,
         temperature=c.temperature if c.soft_targets else None,
         morph_radius=c.morph_radius,
+        flip_average=c.flip_average,
     )
 
 
@@ -247,10 +248,13 @@ class Trainer:
             log.warning("epoch %d: %s", epoch, result.message)
         bank = self.bank
         bank.reset()
-        bank.clean_prob[...] = result.clean_prob
-        bank.flagged[...] = result.noisy
+        if c.sticky:
+            bank.clean_prob[...] = np.minimum(bank.clean_prob, result.clean_prob)
+        else:
+            bank.clean_prob[...] = result.clean_prob
+        bank.flagged[...] = bank.clean_prob < c.tau
         ramp = min(1.0, (epoch - self.warmup + 1) / max(c.ramp_epochs, 1))
-        flagged = np.flatnonzero(result.noisy)
+        flagged = np.flatnonzero(bank.flagged)
         if self.config.method == "filter":
             bank.weights[flagged] = 0.0
         else:

@@ -10,32 +10,10 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax import train
-from selfcleanse_jax.config import default_config
 from selfcleanse_jax.data.loading import load_dataset
+from tiny import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SETTINGS = {
-    "data.image_size": 32,
-    "data.phantom_train_cases": 4,
-    "data.phantom_test_cases": 1,
-    "data.phantom_slices": 4,
-    "model.depth": 2,
-    "model.base_width": 8,
-    "train.batch_size": 8,
-    "progress": False,
-}
-TINY = [f"--config.{key}={value}" for key, value in TINY_SETTINGS.items()]
-
-
-def tiny_config(**overrides):
-    config = default_config()
-    for key, value in {**TINY_SETTINGS, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +131,49 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     ]
     assert epochs == [0, 1, 2]
     assert int(second.steps.get_state(second.state).step) == 3 * first.steps_per_epoch
+
+
+def test_phantom_command_then_training_on_it_with_the_msd_config(tmp_path):
+    from selfcleanse_jax import cli
+
+    data = tmp_path / "phantom"
+    assert (
+        cli.main(
+            [
+                "phantom",
+                "--output",
+                str(data),
+                "--cases",
+                "3",
+                "--test-cases",
+                "1",
+                "--image-size",
+                "32",
+                "--slices",
+                "4",
+            ]
+        )
+        == 0
+    )
+    description = json.loads((data / "dataset.json").read_text())
+    assert description["numTraining"] == 3 and len(list((data / "imagesTr").iterdir())) == 3
+    workdir = tmp_path / "run"
+    settings = [f for f in TINY if "phantom" not in f]
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(ROOT / "configs/msd.py"),
+                "--workdir",
+                str(workdir),
+                f"--config.data.root={data}",
+                "--config.train.epochs=1",
+                "--config.train.batch_size=4",
+                *settings,
+            ]
+        )
+        == 0
+    )
+    record = json.loads((workdir / "metrics.jsonl").read_text())
+    assert set(record["test_dice_per_class"]) == {"right ventricle", "myocardium", "left ventricle"}

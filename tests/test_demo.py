@@ -1,0 +1,39 @@
+"""The demo's table and results file, on a tiny phantom."""
+
+import json
+
+from selfcleanse_jax import demo
+from selfcleanse_jax.config import METHODS
+from tiny import tiny_config
+
+
+def test_demo_writes_every_row_in_the_documented_form(tmp_path):
+    config = tiny_config(
+        **{"train.epochs": 2, "cleanse.warmup_epochs": 1, "train.checkpoint": False}
+    )
+    results = demo.main(tmp_path, config=config)
+    saved = json.loads((tmp_path / "demo_results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [(r["noise"], r["method"]) for r in saved["rows"]] == [
+        (noise, method) for noise in demo.NOISE_KINDS for method in METHODS
+    ]
+    for row in saved["rows"]:
+        assert 0.0 <= row["test_dice"] <= 1.0
+        assert set(row["test_dice_per_class"]) == {
+            "right ventricle",
+            "myocardium",
+            "left ventricle",
+        }
+        cleansing = row["method"] in ("filter", "selfcleanse")
+        assert (row["detection"] is not None) == cleansing
+        if cleansing:
+            assert set(row["detection"]) == {"auc", "precision", "recall"}
+        if row["method"] == "selfcleanse":
+            assert set(row["pseudo_label_dice"]) == {"given", "cleansed"}
+        else:
+            assert row["pseudo_label_dice"] is None
+    oracle_rows = [r for r in saved["rows"] if r["method"] == "oracle"]
+    assert oracle_rows[0]["test_dice"] == oracle_rows[1]["test_dice"]
+    table = (tmp_path / "demo_results.md").read_text().splitlines()
+    assert len(table) == 2 + len(saved["rows"])
+    assert saved["seconds"] > 0
