@@ -27,8 +27,14 @@ def _parse_train(argv: list[str]):
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
+    argv = ["selfcleanse train", *argv]
     config_flags.DEFINE_config_file(
-        "config", None, "ml_collections config file.", flag_values=flag_values, lock_config=True
+        "config",
+        None,
+        "ml_collections config file.",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,  # the overrides to define are read from here, not from sys.argv
     )
     flags.DEFINE_string(
         "workdir",
@@ -38,7 +44,7 @@ def _parse_train(argv: list[str]):
     )
     flags.DEFINE_boolean("debug", False, "Show tracebacks.", flag_values=flag_values)
     try:
-        flag_values(["selfcleanse train", *argv])
+        flag_values(argv)
     except flags.Error as e:
         raise UsageError(str(e)) from None
     if flag_values.config is None:

@@ -177,3 +177,22 @@ def test_phantom_command_then_training_on_it_with_the_msd_config(tmp_path):
     )
     record = json.loads((workdir / "metrics.jsonl").read_text())
     assert set(record["test_dice_per_class"]) == {"right ventricle", "myocardium", "left ventricle"}
+
+
+def test_sticky_flags_keep_the_lowest_clean_probability(tmp_path, tiny_dataset):
+    config = tiny_config(
+        **{
+            "method": "selfcleanse",
+            "train.epochs": 2,
+            "cleanse.warmup_epochs": 1,
+            "cleanse.sticky": True,
+            "train.checkpoint": False,
+        }
+    )
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    trainer.bank.clean_prob[0] = 0.0
+    before = trainer.bank.clean_prob.copy()
+    trainer.cleansing_round(1)
+    assert trainer.bank.clean_prob[0] == 0.0 and trainer.bank.flagged[0]
+    assert np.all(trainer.bank.clean_prob <= before)
+    np.testing.assert_array_equal(trainer.bank.flagged, trainer.bank.clean_prob < 0.5)
