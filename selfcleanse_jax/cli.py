@@ -12,6 +12,7 @@ EPILOG = """commands:
   train    train one model:  selfcleanse train --config configs/phantom.py --workdir runs/x \\
              [--config.method=filter --config.train.epochs=5 ...]
   demo     baseline vs filter vs selfcleanse vs oracle on the phantom
+             [--quick] [--output DIR] [--config.KEY=VALUE ...]
   bench    throughput figures as JSON
   phantom  write the synthetic cardiac phantom as an MSD-layout dataset
 """
@@ -54,7 +55,19 @@ def _parse_train(argv: list[str]):
     return flag_values.config, flag_values.workdir
 
 
+TRAIN_USAGE = """\
+usage: selfcleanse train --config FILE --workdir DIR [--config.KEY=VALUE ...] [--debug]
+
+Train one model. FILE is a Python file whose get_config() returns an ml_collections
+ConfigDict (configs/phantom.py, configs/msd.py); every key of selfcleanse_jax/config.py can be
+overridden, e.g. --config.method=baseline --config.noise.kind=missing --config.train.epochs=20.
+Writes DIR/metrics.jsonl, DIR/noise_card.json and DIR/checkpoints/ (rerunning resumes)."""
+
+
 def cmd_train(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(TRAIN_USAGE)
+        return 0
     config, workdir = _parse_train(argv)
     from selfcleanse_jax import train
 
@@ -63,10 +76,29 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _apply_overrides(config, overrides: list[str]):
+    """Apply `--config.KEY=VALUE` overrides to a ConfigDict, typed as ml_collections does."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise UsageError(f"unrecognised arguments: {' '.join(bad)}")
+    flag_values = flags.FlagValues()
+    argv = ["selfcleanse", *overrides]
+    config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+    try:
+        flag_values(argv)
+    except flags.Error as e:
+        raise UsageError(str(e)) from None
+    return flag_values.config
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfcleanse_jax import demo
 
-    demo.main(Path(args.output), quick=args.quick, parallel=args.parallel)
+    config = _apply_overrides(demo.demo_config(args.quick), overrides)
+    demo.main(Path(args.output), config=config)
     return 0
 
 
@@ -109,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one model (options: --config FILE --workdir DIR)", add_help=False
     )
 
-    demo = sub.add_parser("demo", help="the four methods on the noisy phantom")
+    demo = sub.add_parser(
+        "demo", help="the four methods on the noisy phantom (any --config.KEY=VALUE applies)"
+    )
     demo.add_argument("--quick", action="store_true", help="small model and data: minutes on a CPU")
     demo.add_argument("--output", default="demo_out", help="directory for results and runs")
-    demo.add_argument("--parallel", default="auto", help="auto | pmap | shard_map | none")
-    demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="throughput figures")
     bench.add_argument("--json", help="also write the figures to this file")
@@ -140,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
-        args = parser.parse_args(argv)
+        args, overrides = parser.parse_known_args(argv)
+        if args.command == "demo":
+            return cmd_demo(args, overrides)
+        if overrides:
+            parser.error(f"unrecognised arguments: {' '.join(overrides)}")
         return args.func(args)
     except UsageError as e:
         print(f"selfcleanse: error: {e}", file=sys.stderr)

@@ -88,18 +88,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(
-    output: Path,
-    quick: bool = False,
-    parallel: str = "auto",
-    config: ml_collections.ConfigDict | None = None,
+    output: Path, quick: bool = False, config: ml_collections.ConfigDict | None = None
 ) -> dict:
     """Run the comparison; write `output/demo_results.json` and `.md`; print the table.
 
-    `config` replaces the demo's own settings (method and noise kind are set per run).
+    `config` replaces `demo_config(quick)`; each run sets its own method and noise kind.
     """
     start = time.perf_counter()
     config = demo_config(quick) if config is None else config
-    config.parallel = parallel
     output.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config)
     runs = [(noise, method) for noise in NOISE_KINDS for method in METHODS]

@@ -2,7 +2,9 @@
 
 import json
 
-from selfcleanse_jax import demo
+import pytest
+
+from selfcleanse_jax import cli, demo
 from selfcleanse_jax.config import METHODS
 from tiny import tiny_config
 
@@ -37,3 +39,14 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
     table = (tmp_path / "demo_results.md").read_text().splitlines()
     assert len(table) == 2 + len(saved["rows"])
     assert saved["seconds"] > 0
+
+
+def test_demo_command_line_overrides_are_typed_and_checked():
+    config = cli._apply_overrides(
+        demo.demo_config(quick=True),
+        ["--config.augment.enabled=False", "--config.train.epochs=3", "--config.noise.rate=0.3"],
+    )
+    assert config.augment.enabled is False
+    assert config.train.epochs == 3 and config.noise.rate == 0.3
+    with pytest.raises(cli.UsageError):
+        cli._apply_overrides(demo.demo_config(quick=True), ["--epochs=3"])
