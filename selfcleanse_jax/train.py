@@ -34,6 +34,17 @@ from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 log = logging.getLogger(__name__)
 
 
+def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """float16 one-hot targets; IGNORE_INDEX (and any value >= num_classes) gives all zeros."""
+    table = np.concatenate(
+        [
+            np.eye(num_classes, dtype=np.float16),
+            np.zeros((256 - num_classes, num_classes), np.float16),
+        ]
+    )
+    return table[labels]
+
+
 @dataclasses.dataclass
 class TargetBank:
     """What each training sample is supervised with, updated by every cleansing round."""
@@ -56,7 +67,7 @@ class TargetBank:
             flagged=np.zeros(n, bool),
         )
         if soft:
-            bank.soft = np.eye(num_classes, dtype=np.float16)[np.minimum(labels, num_classes - 1)]
+            bank.soft = _one_hot(labels, num_classes)
         return bank
 
     def reset(self) -> None:
@@ -64,7 +75,7 @@ class TargetBank:
         self.targets[...] = self.given
         self.weights[...] = 1.0
         if self.soft is not None:
-            self.soft[...] = np.eye(self.soft.shape[-1], dtype=np.float16)[self.given]
+            self.soft[...] = _one_hot(self.given, self.soft.shape[-1])
 
     def batch(self, table: SliceTable, idx: np.ndarray) -> dict[str, np.ndarray]:
         batch = {

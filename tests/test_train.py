@@ -196,3 +196,23 @@ def test_sticky_flags_keep_the_lowest_clean_probability(tmp_path, tiny_dataset):
     assert trainer.bank.clean_prob[0] == 0.0 and trainer.bank.flagged[0]
     assert np.all(trainer.bank.clean_prob <= before)
     np.testing.assert_array_equal(trainer.bank.flagged, trainer.bank.clean_prob < 0.5)
+
+
+def test_soft_targets_train_and_stay_distributions(tmp_path, tiny_dataset):
+    config = tiny_config(
+        **{
+            "method": "selfcleanse",
+            "train.epochs": 2,
+            "cleanse.warmup_epochs": 1,
+            "cleanse.soft_targets": True,
+            "cleanse.temperature": 0.5,
+            "train.checkpoint": False,
+        }
+    )
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    summary = trainer.run()
+    assert np.isfinite(summary["test_dice"])
+    soft = trainer.bank.soft.astype(np.float32)
+    np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-2)
+    unflagged = ~trainer.bank.flagged
+    np.testing.assert_array_equal(soft[unflagged].argmax(-1), trainer.bank.given[unflagged])
