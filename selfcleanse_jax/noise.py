@@ -11,6 +11,10 @@ u ~ U(0, 1) first and is corrupted iff u < rate, then the model draws from the s
 So a sample's noise depends only on (seed, id, params), never on the order or the number of
 samples, and raising the rate only adds noisy samples (the ones noisy at a lower rate keep
 their exact corruption).
+
+Models: `boundary`, `missing`, `markov` (Spatial Correction's boundary Markov process),
+`affine` (label misregistration), `edge` (disks at edge points) and `mixed` (one of them per
+sample). `PRESETS` name settings of a model and are accepted wherever a kind is.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def register(name: str) -> Callable[[NoiseModel], NoiseModel]:
     """Decorator adding a noise model to `NOISE_MODELS` under `name`."""
 
     def add(fn: NoiseModel) -> NoiseModel:
-        if name in NOISE_MODELS or name == "none":
+        if name in NOISE_MODELS or name in PRESETS or name == "none":
             raise ValueError(f"noise model {name!r} is already defined")
         NOISE_MODELS[name] = fn
         return fn
@@ -47,18 +51,46 @@ def register(name: str) -> Callable[[NoiseModel], NoiseModel]:
     return add
 
 
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "markov-expand": ("markov", {"theta1": 0.8}),
+    "markov-shrink": ("markov", {"theta1": 0.2}),
+    "boundary-dilate": ("boundary", {"p_dilate": 1.0}),
+    "boundary-erode": ("boundary", {"p_dilate": 0.0}),
+    "missing-component": ("missing", {"unit": "component"}),
+    "affine-mild": ("affine", {"beta": 0.1}),
+    "affine-severe": ("affine", {"beta": 0.4}),
+    "edge-add": ("edge", {"p_add": 1.0}),
+    "edge-remove": ("edge", {"p_add": 0.0}),
+}
+"""Named settings of a model, usable wherever a kind is: name -> (model, params). Named by
+effect; the numbers are this project's (see README, "Label-noise models")."""
+
+
+def model_of(kind: str) -> str:
+    """The registered model behind `kind` (a model name or a preset name)."""
+    if kind in PRESETS:
+        return PRESETS[kind][0]
+    _model(kind)
+    return kind
+
+
 def default_params(kind: str) -> dict[str, Any]:
-    """The keyword parameters of noise model `kind` with their defaults."""
-    signature = inspect.signature(_model(kind))
-    return {
+    """The keyword parameters of noise model (or preset) `kind` with their defaults."""
+    base = model_of(kind)
+    signature = inspect.signature(_model(base))
+    defaults = {
         name: p.default
         for name, p in list(signature.parameters.items())[2:]
         if p.default is not inspect.Parameter.empty
     }
+    if kind in PRESETS:
+        defaults.update(PRESETS[kind][1])
+    return defaults
 
 
 def resolve_params(kind: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults of `kind` updated with `params`; unknown names are an error."""
+    """Defaults of `kind` (a model or a preset) updated with `params`; unknown names are an
+    error."""
     resolved = default_params(kind)
     unknown = sorted(set(params or {}) - set(resolved))
     if unknown:
@@ -69,9 +101,16 @@ def resolve_params(kind: str, params: Mapping[str, Any] | None) -> dict[str, Any
     return resolved
 
 
+def _resolve(kind: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    return model_of(kind), resolve_params(kind, params)
+
+
 def _model(kind: str) -> NoiseModel:
     if kind not in NOISE_MODELS:
-        raise ValueError(f"unknown noise kind {kind!r}; known: {['none', *sorted(NOISE_MODELS)]}")
+        raise ValueError(
+            f"unknown noise kind {kind!r}; known: {['none', *sorted(NOISE_MODELS)]}, "
+            f"presets: {sorted(PRESETS)}"
+        )
     return NOISE_MODELS[kind]
 
 
@@ -172,6 +211,249 @@ def missing(label: np.ndarray, rng: np.random.Generator, unit: str = "class") ->
     return out, {"unit": unit, "class": cls, "size": int(remove.sum())}
 
 
+def _scaled(value: float, shape: tuple[int, ...], reference_size: int | None) -> float:
+    """A length given in pixels at `reference_size`, in pixels at `shape`."""
+    return float(value) if reference_size is None else float(value) * min(shape) / reference_size
+
+
+def _select_classes(label: np.ndarray, classes: Any) -> np.ndarray:
+    """Foreground classes present in `label`, restricted to `classes` (None: all of them)."""
+    present = foreground_classes(label)
+    if classes is None:
+        return present
+    return present[np.isin(present, np.asarray(list(classes), dtype=np.int64))]
+
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+@register("markov")
+def markov(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    steps: int = 8,
+    theta1: float = 0.5,
+    theta2: float = 0.5,
+    theta3: float = 0.05,
+    band: float = 2.0,
+    sigma: float = 1.0,
+    classes: list[int] | None = None,
+    reference_size: int | None = 128,
+) -> NoiseResult:
+    """Boundary Markov process of Spatial Correction (Yao et al., ICLR 2023, "Learning to
+    segment from noisy annotations: a spatial correction approach").
+
+    For each foreground class in `classes` (None: every class present), in random order:
+    `steps` Markov steps (given at `reference_size` pixels and scaled to the image, at least 1);
+    at each step the mask expands with probability `theta1`, else shrinks, and each pixel of
+    the corresponding 4-connected boundary (the outer rim when expanding, the inner rim when
+    shrinking) flips with probability `theta2`. Then i.i.d. flips with probability `theta3`,
+    restricted (our choice) to a band of `band` pixels around the resulting boundary, and a
+    Gaussian blur of width `sigma` re-thresholded at 0.5. Added pixels overwrite whatever was
+    there, removed pixels become background. Defaults are ours (unbiased, theta1 = 0.5); the
+    presets `markov-expand` (theta1 = 0.8) and `markov-shrink` (theta1 = 0.2) bias the walk.
+    """
+    selected = _select_classes(label, classes)
+    if selected.size == 0:
+        return None
+    n_steps = max(1, int(round(_scaled(steps, label.shape, reference_size))))
+    width = _scaled(band, label.shape, reference_size)
+    out = label.copy()
+    changes = []
+    for cls in rng.permutation(selected):
+        mask = out == cls
+        if not mask.any():  # overwritten by a class corrupted before it
+            continue
+        before = mask.copy()
+        expansions = 0
+        for _ in range(n_steps):
+            expand = rng.random() < theta1
+            expansions += int(expand)
+            if expand:
+                rim = ndimage.binary_dilation(mask, _CROSS) & ~mask
+            else:
+                rim = mask & ~ndimage.binary_erosion(mask, _CROSS, border_value=1)
+            flip = rim & (rng.random(mask.shape) < theta2)
+            mask = mask ^ flip
+        if theta3 > 0:
+            near = (ndimage.distance_transform_edt(~mask) <= width) & (
+                ndimage.distance_transform_edt(mask) <= width
+            )
+            mask = mask ^ (near & (rng.random(mask.shape) < theta3))
+        if sigma > 0:
+            mask = ndimage.gaussian_filter(mask.astype(np.float32), sigma) > 0.5
+        out[before & ~mask] = 0
+        out[mask & ~before] = cls
+        changes.append(
+            {
+                "class": int(cls),
+                "steps": n_steps,
+                "expansions": expansions,
+                "area_before": int(before.sum()),
+                "area_after": int(mask.sum()),
+            }
+        )
+    return out, {"changes": changes}
+
+
+def _rigid(label: np.ndarray, angle_deg: float, shift: np.ndarray, centre: np.ndarray):
+    """`label` rotated by `angle_deg` about `centre`, then translated by `shift` (pixels),
+    nearest-neighbour resampled, background outside the field of view."""
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    inverse = rot.T  # output o comes from input R^-1 (o - c - t) + c
+    offset = centre - inverse @ (centre + shift)
+    return ndimage.affine_transform(label, inverse, offset=offset, order=0, mode="constant", cval=0)
+
+
+def mismatch_fraction(noisy: np.ndarray, clean: np.ndarray) -> float:
+    """Fraction of the clean foreground pixels whose label differs in `noisy` (affine's beta)."""
+    fg = (clean > 0) & (clean != IGNORE_INDEX)
+    return float(np.sum((noisy != clean) & fg) / max(1, fg.sum()))
+
+
+@register("affine")
+def affine(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    max_angle: float = 30.0,
+    beta: float = 0.2,
+    tolerance: float = 0.02,
+) -> NoiseResult:
+    """Misregistration of the label against the image, after Li et al. (MICCAI 2021): the
+    whole label is rotated about its foreground centroid by an angle drawn uniformly in
+    +-`max_angle` degrees and translated in a random direction by the distance at which the
+    mismatch (`mismatch_fraction`: fraction of the clean foreground pixels that change label)
+    reaches `beta`; if the rotation alone exceeds beta the angle is scaled down instead. Both
+    searches are bisections to within `tolerance`; nearest-neighbour resampling
+    (scipy.ndimage.affine_transform, order 0). Defaults beta = 0.2, 30 degrees.
+    """
+    fg = (label > 0) & (label != IGNORE_INDEX)
+    if not fg.any():
+        return None
+    if not 0 < beta < 1:
+        raise ValueError(f"affine: beta must lie in (0, 1), got {beta}")
+    centre = np.array(ndimage.center_of_mass(fg))
+    angle = float(rng.uniform(-max_angle, max_angle))
+    direction_angle = float(rng.uniform(0, 2 * np.pi))
+    direction = np.array([np.sin(direction_angle), np.cos(direction_angle)])
+
+    def error(angle_deg: float, distance: float) -> tuple[float, np.ndarray]:
+        moved = _rigid(label, angle_deg, distance * direction, centre)
+        return mismatch_fraction(moved, label), moved
+
+    err, moved = error(angle, 0.0)
+    distance = 0.0
+    if err > beta:  # shrink the angle
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            err, moved = error(angle * mid, 0.0)
+            if abs(err - beta) <= tolerance:
+                break
+            lo, hi = (mid, hi) if err < beta else (lo, mid)
+        angle *= mid
+    elif err < beta - tolerance:  # translate
+        lo, hi = 0.0, float(max(label.shape))
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            err, moved = error(angle, mid)
+            if abs(err - beta) <= tolerance:
+                break
+            lo, hi = (mid, hi) if err < beta else (lo, mid)
+        distance = mid
+    ignore = label == IGNORE_INDEX
+    moved = np.where(ignore, IGNORE_INDEX, np.where(moved == IGNORE_INDEX, 0, moved))
+    return moved.astype(np.uint8), {
+        "angle": angle,
+        "shift": (distance * direction).tolist(),
+        "mismatch": mismatch_fraction(moved, label),
+    }
+
+
+@register("edge")
+def edge(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    fraction: float = 0.05,
+    radius: tuple[int, int] = (2, 5),
+    p_add: float = 0.5,
+    classes: list[int] | None = None,
+    reference_size: int | None = 128,
+) -> NoiseResult:
+    """Disks added or removed at edge points, after the JSRT noise recipes of the
+    confident-learning segmentation work (Zhang et al., MICCAI 2020) and PyMIC's noisy-label
+    examples: for each class in `classes` (None: all present), a `fraction` of its edge pixels
+    (inner 4-connected rim) become disk centres; each disk, of integer radius drawn in
+    `radius` (pixels at `reference_size`), is added to the class (probability `p_add`,
+    overwriting other labels) or removed from it (its pixels of this class become
+    background). The default numbers are ours, not the papers'.
+    """
+    selected = _select_classes(label, classes)
+    if selected.size == 0:
+        return None
+    lo, hi = scaled_radius_range(radius, label.shape, reference_size)
+    out = label.copy()
+    yy, xx = np.mgrid[: label.shape[0], : label.shape[1]]
+    changes = []
+    for cls in rng.permutation(selected):
+        mask = out == cls
+        rim = mask & ~ndimage.binary_erosion(mask, _CROSS, border_value=1)
+        points = np.argwhere(rim)
+        if len(points) == 0:
+            continue
+        count = max(1, int(round(fraction * len(points))))
+        chosen = points[rng.choice(len(points), size=min(count, len(points)), replace=False)]
+        added = removed = 0
+        for y, x in chosen:
+            r = int(rng.integers(lo, hi + 1))
+            add = rng.random() < p_add
+            y0, y1 = max(0, y - r), min(label.shape[0], y + r + 1)
+            x0, x1 = max(0, x - r), min(label.shape[1], x + r + 1)
+            disk = (yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2 <= r * r
+            window = out[y0:y1, x0:x1]
+            if add:
+                window[disk & (window != IGNORE_INDEX)] = cls
+                added += 1
+            else:
+                window[disk & (window == cls)] = 0
+                removed += 1
+        changes.append({"class": int(cls), "disks_added": added, "disks_removed": removed})
+    return out, {"changes": changes}
+
+
+MIXED_DEFAULT = ("boundary", "missing", "markov", "affine", "edge")
+
+
+@register("mixed")
+def mixed(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    weights: Mapping[str, float] | None = None,
+    model_params: Mapping[str, Mapping[str, Any]] | None = None,
+) -> NoiseResult:
+    """One model per sample, drawn with `weights` (name -> weight; None: uniform over
+    boundary, missing, markov, affine and edge; names may be presets), run with its defaults
+    updated by `model_params[name]`. The record's params say which model was used ("model")
+    and what it drew. Draws come from the sample's own generator, so the choice depends only
+    on (seed, id, params).
+    """
+    weights = dict.fromkeys(MIXED_DEFAULT, 1.0) if weights is None else dict(weights)
+    names = sorted(weights)
+    if not names or "mixed" in names:
+        raise ValueError(f"mixed: weights must name other models, got {names}")
+    p = np.array([float(weights[n]) for n in names])
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"mixed: weights must be non-negative with a positive sum, got {weights}")
+    name = names[int(rng.choice(len(names), p=p / p.sum()))]
+    base, resolved = _resolve(name, (model_params or {}).get(name))
+    result = NOISE_MODELS[base](label, rng, **resolved)
+    if result is None:
+        return None
+    noisy, drawn = result
+    return noisy, {"model": name, **drawn}
+
+
 def dice_per_class(noisy: np.ndarray, clean: np.ndarray) -> dict[int, float]:
     """Dice of noisy vs clean for each foreground class present in either label."""
     classes = np.union1d(foreground_classes(noisy), foreground_classes(clean))
@@ -194,6 +476,7 @@ class NoiseRealisation:
     seed: int = 0
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_classes: int = 2
+    model: str | None = None  # the registered model behind `kind` when `kind` is a preset
 
     def summary(self) -> dict[str, Any]:
         """Aggregate: realised rate, samples the model could not corrupt, mean Dice per class
@@ -220,6 +503,7 @@ class NoiseRealisation:
         """The noise card: settings, summary and per-sample records, as JSON text."""
         card = {
             "kind": self.kind,
+            "model": self.model or self.kind,
             "rate": self.rate,
             "seed": self.seed,
             "num_classes": self.num_classes,
@@ -268,7 +552,8 @@ def apply_noise(
     params: Mapping[str, Any] | None = None,
     ids: np.ndarray | None = None,
 ) -> NoiseRealisation:
-    """Corrupt about `rate` of the (N, H, W) labels with noise model `kind` ("none": no-op).
+    """Corrupt about `rate` of the (N, H, W) labels with noise model or preset `kind`
+    ("none": no-op); `params` override the model's (or preset's) defaults.
 
     Sample i uses ``default_rng([seed, ids[i]])`` (ids default to 0..N-1): it is corrupted iff
     its first draw u < rate and the model can corrupt it; labels without foreground stay clean
@@ -288,7 +573,7 @@ def apply_noise(
     ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
     if ids.shape != (len(labels),) or (ids < 0).any():
         raise ValueError(f"ids must be {len(labels)} non-negative integers, got shape {ids.shape}")
-    resolved = {} if kind == "none" else resolve_params(kind, params)
+    base, resolved = ("none", {}) if kind == "none" else _resolve(kind, params)
     if kind == "none" and params:
         raise ValueError(f"noise kind 'none' takes no params, got {dict(params)}")
     noisy_labels = labels.copy()
@@ -302,12 +587,13 @@ def apply_noise(
         rng = np.random.default_rng([seed, sample_id])
         if rng.random() >= rate:
             continue
-        result = NOISE_MODELS[kind](labels[i], rng, **resolved)
+        result = NOISE_MODELS[base](labels[i], rng, **resolved)
         if result is None:
             record["uncorruptible"] = "no foreground"
             continue
         noisy, drawn = result
         changed = int(np.sum(noisy != labels[i]))
+        record["model"] = str(drawn.get("model", base)) if base == "mixed" else base
         record["params"] = _jsonable(drawn)
         record["pixels_changed"] = changed
         if changed == 0:
@@ -330,4 +616,5 @@ def apply_noise(
         seed=int(seed),
         params=_jsonable(resolved),
         num_classes=int(num_classes),
+        model=base,
     )

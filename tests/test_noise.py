@@ -228,3 +228,161 @@ def test_dice_per_class_closed_form():
     noisy[:1, :] = 1  # 4 pixels, all inside -> 2*4/12
     noisy[3, 3] = 2  # only in noisy -> 0
     assert dice_per_class(noisy, clean) == {1: pytest.approx(2 / 3), 2: 0.0}
+
+
+# --- markov, affine, edge, mixed and the presets ---------------------------------------------
+
+ALL_KINDS = ["boundary", "missing", "markov", "affine", "edge", "mixed"]
+
+
+def test_new_models_and_presets_are_registered():
+    assert set(ALL_KINDS) <= set(NOISE_MODELS)
+    assert not set(noise.PRESETS) & set(NOISE_MODELS)
+    for name, (model, params) in noise.PRESETS.items():
+        assert model in NOISE_MODELS
+        assert set(params) <= set(noise.default_params(model)), name
+        assert noise.default_params(name) == {**noise.default_params(model), **params}
+    with pytest.raises(ValueError, match="already defined"):
+        noise.register("markov-expand")(lambda label, rng: None)
+
+
+@pytest.mark.parametrize("kind", [*ALL_KINDS, "markov-expand", "affine-severe"])
+def test_realised_rate_within_binomial_tolerance_for_every_model(kind):
+    labels = _labels(200, 16)
+    rate = 0.3
+    realisation = apply_noise(labels, kind, rate, 13, NUM_CLASSES)
+    tolerance = 4 * np.sqrt(rate * (1 - rate) / len(labels))
+    assert abs(realisation.is_noisy.mean() - rate) <= tolerance
+    changed = np.any(realisation.noisy_labels != labels, axis=(1, 2))
+    np.testing.assert_array_equal(changed, realisation.is_noisy)
+
+
+@pytest.mark.parametrize("kind", [*ALL_KINDS, "markov-shrink"])
+def test_same_seed_same_noise_in_any_order_for_every_model(kind):
+    labels = _labels(24, 24, seed=1)
+    ids = np.arange(50, 74)
+    first = apply_noise(labels, kind, 0.6, 5, NUM_CLASSES, ids=ids)
+    order = np.random.default_rng(1).permutation(len(labels))
+    second = apply_noise(labels[order], kind, 0.6, 5, NUM_CLASSES, ids=ids[order])
+    np.testing.assert_array_equal(second.noisy_labels, first.noisy_labels[order])
+    assert [r["params"] for r in second.records] == [first.records[i]["params"] for i in order]
+    other = apply_noise(labels, kind, 0.6, 6, NUM_CLASSES, ids=ids)
+    assert not np.array_equal(other.noisy_labels, first.noisy_labels)
+
+
+def _foreground_areas(labels):
+    return (labels > 0).sum(axis=(1, 2)).astype(float)
+
+
+def test_markov_expand_grows_and_shrink_shrinks_on_average():
+    labels = _labels(30, 48)
+    area = _foreground_areas(labels)
+    grown = apply_noise(labels, "markov-expand", 1.0, 2, NUM_CLASSES)
+    shrunk = apply_noise(labels, "markov-shrink", 1.0, 2, NUM_CLASSES)
+    assert np.mean(_foreground_areas(grown.noisy_labels) / area) > 1.1
+    assert np.mean(_foreground_areas(shrunk.noisy_labels) / area) < 0.9
+    for rec in grown.records:  # per-class areas in the record say the same
+        for ch in rec["params"]["changes"]:
+            assert ch["steps"] == 3  # 8 steps at 128 px -> 3 at 48 px
+    ratios = [
+        ch["area_after"] / ch["area_before"]
+        for rec in shrunk.records
+        for ch in rec["params"]["changes"]
+    ]
+    assert np.mean(ratios) < 0.9
+
+
+def test_markov_classes_option_touches_only_those_classes():
+    labels = _labels(10, 32)
+    realisation = apply_noise(labels, "markov", 1.0, 0, NUM_CLASSES, params={"classes": [1]})
+    for clean, noisy in zip(labels, realisation.noisy_labels, strict=True):
+        changed = noisy != clean
+        assert changed.any()
+        # only class 1 gains pixels or loses them (to background)
+        assert np.all((noisy[changed] == 1) | (clean[changed] == 1))
+        assert np.all(noisy[changed & (clean == 1)] == 0)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.25, 0.4])
+def test_affine_mismatch_is_close_to_beta(beta):
+    labels = _labels(20, 48)
+    realisation = apply_noise(labels, "affine", 1.0, 3, NUM_CLASSES, params={"beta": beta})
+    for clean, noisy, rec in zip(
+        labels, realisation.noisy_labels, realisation.records, strict=True
+    ):
+        mismatch = noise.mismatch_fraction(noisy, clean)
+        assert rec["params"]["mismatch"] == pytest.approx(mismatch)
+        assert abs(mismatch - beta) <= 0.05
+        assert abs(rec["params"]["angle"]) <= 30
+        # a rigid move keeps the foreground area up to resampling and the field of view
+        assert (noisy > 0).sum() == pytest.approx((clean > 0).sum(), rel=0.1)
+
+
+def test_edge_add_only_adds_and_remove_only_removes():
+    labels = _labels(20, 48)
+    added = apply_noise(labels, "edge-add", 1.0, 4, NUM_CLASSES)
+    removed = apply_noise(labels, "edge-remove", 1.0, 4, NUM_CLASSES)
+    for clean, more, less in zip(labels, added.noisy_labels, removed.noisy_labels, strict=True):
+        assert np.all(more[clean > 0] > 0)  # added disks never make background
+        assert (more != clean).any() and (less != clean).any()
+        assert np.all(less[less != clean] == 0)  # removed disks only make background
+    rec = added.records[0]["params"]["changes"]
+    assert all(ch["disks_removed"] == 0 and ch["disks_added"] >= 1 for ch in rec)
+
+
+def test_mixed_records_the_model_and_follows_weights():
+    labels = _labels(60, 24)
+    realisation = apply_noise(labels, "mixed", 1.0, 8, NUM_CLASSES)
+    used = {r["model"] for r in realisation.records if r["noisy"]}
+    assert used == {"boundary", "missing", "markov", "affine", "edge"}
+    for r in realisation.records:
+        assert r["params"]["model"] == r["model"]
+    only = apply_noise(
+        labels,
+        "mixed",
+        1.0,
+        8,
+        NUM_CLASSES,
+        params={"weights": {"missing": 1.0, "edge": 0.0}, "model_params": {"missing": {}}},
+    )
+    assert {r["model"] for r in only.records} == {"missing"}
+    # every sample drew `missing`: it only removes pixels, as many as it says
+    for clean, noisy, rec in zip(labels, only.noisy_labels, only.records, strict=True):
+        assert np.all(noisy[noisy != clean] == 0)
+        assert rec["pixels_changed"] == rec["params"]["size"]
+
+
+def test_presets_are_kinds_and_the_card_names_the_model(tmp_path):
+    labels = _labels(8, 32)
+    preset = apply_noise(labels, "markov-expand", 1.0, 1, NUM_CLASSES)
+    direct = apply_noise(labels, "markov", 1.0, 1, NUM_CLASSES, params={"theta1": 0.8})
+    np.testing.assert_array_equal(preset.noisy_labels, direct.noisy_labels)
+    card = json.loads(preset.save(tmp_path / "card.json").read_text())
+    assert card["kind"] == "markov-expand" and card["model"] == "markov"
+    assert card["params"]["theta1"] == 0.8
+    overridden = apply_noise(labels, "markov-expand", 1.0, 1, NUM_CLASSES, params={"steps": 2})
+    assert overridden.params["theta1"] == 0.8 and overridden.params["steps"] == 2
+    with pytest.raises(ValueError, match="no parameter"):
+        apply_noise(labels, "edge-add", 1.0, 1, NUM_CLASSES, params={"beta": 0.1})
+
+
+@pytest.mark.parametrize("kind", ["markov", "affine", "edge", "mixed"])
+def test_noise_card_dice_matches_recomputation_for_new_models(kind):
+    labels = _labels(16, 32)
+    realisation = apply_noise(labels, kind, 0.7, 4, NUM_CLASSES)
+    card = json.loads(realisation.to_json())
+    for rec, noisy, clean in zip(card["records"], realisation.noisy_labels, labels, strict=True):
+        assert rec["pixels_changed"] == np.sum(noisy != clean)
+        if rec["noisy"]:
+            expected = dice_per_class(noisy, clean)
+            assert rec["dice"] == {str(c): pytest.approx(d) for c, d in expected.items()}
+            assert rec["dice_noisy_vs_clean"] == pytest.approx(np.mean(list(expected.values())))
+
+
+@pytest.mark.parametrize("kind", ["markov", "affine", "edge", "mixed"])
+def test_new_models_keep_empty_labels_clean(kind):
+    labels = _labels(4, 16)
+    labels[::2] = 0
+    realisation = apply_noise(labels, kind, 1.0, 0, NUM_CLASSES)
+    np.testing.assert_array_equal(realisation.noisy_labels[::2], 0)
+    assert realisation.records[0]["uncorruptible"] == "no foreground"

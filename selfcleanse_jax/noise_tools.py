@@ -1,0 +1,196 @@
+"""Label-noise tools on whole datasets: a corrupted copy of an MSD dataset, and a gallery.
+
+`corrupt_dataset` corrupts the training labels of an MSD-layout dataset slice by slice
+(2D, along the last axis) with any model or preset of `selfcleanse_jax.noise`. Sample ids
+are a running index over the training cases in the order dataset.json lists them (the
+order `read_msd` returns) and, within a case, over z: case 0 slices 0..Z0-1 get ids
+0..Z0-1, case 1 slices get Z0..Z0+Z1-1, and so on. A slice's noise therefore depends only
+on (seed, id, params), and the same dataset corrupted twice with the same settings gives
+byte-identical labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfcleanse_jax import noise
+
+_SUFFIX = ".nii.gz"
+
+
+def _num_classes(description: dict, cases: list) -> int:
+    labels = description.get("labels") or {}
+    keys = [int(k) for k in labels if str(k).lstrip("-").isdigit()]
+    observed = [int(v) for c in cases for v in np.unique(c.label) if v != noise.IGNORE_INDEX]
+    return max([*keys, *observed, 1]) + 1
+
+
+def corrupt_dataset(
+    input_root: Path,
+    output_root: Path,
+    kind: str,
+    rate: float,
+    seed: int,
+    params: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a copy of the MSD dataset `input_root` at `output_root` with noisy training labels.
+
+    The copy holds everything of the input (dataset.json, imagesTr, imagesTs, labelsTs, ...)
+    byte for byte, except `labelsTr/`, whose volumes are corrupted slice by slice (see the
+    module docstring for the sample ids); the clean training labels go to `labelsTr_clean/`
+    and the noise card, with each record's "case" and "z", to `noise_card.json`. Volumes with
+    no noisy slice are copied unchanged. Everything is written to a temporary sibling
+    directory renamed into place at the end. An existing non-empty `output_root` is refused
+    (ValueError). Returns `output_root`.
+    """
+    import nibabel as nib
+
+    from selfcleanse_jax.data.msd import read_msd
+
+    input_root, output_root = Path(input_root), Path(output_root)
+    if output_root.exists() and (not output_root.is_dir() or any(output_root.iterdir())):
+        raise ValueError(f"{output_root}: exists and is not empty; choose a new output directory")
+    if output_root.resolve() == input_root.resolve():
+        raise ValueError(f"{output_root}: output must differ from the input")
+    cases, description = read_msd(input_root, "train")
+    num_classes = _num_classes(description, cases)
+    resolved = {} if kind == "none" else noise.resolve_params(kind, params)
+
+    realisations = []
+    start = 0
+    for case in cases:
+        volume = np.moveaxis(np.asarray(case.label), -1, 0)  # (Z, H, W)
+        ids = np.arange(start, start + len(volume))
+        realisations.append(
+            noise.apply_noise(volume, kind, rate, seed, num_classes, params=params, ids=ids)
+        )
+        start += len(volume)
+
+    output_root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_root.name}.", dir=output_root.parent))
+    try:
+        shutil.copytree(input_root, staging, dirs_exist_ok=True, symlinks=False)
+        staging.chmod(0o755)
+        labels_dir, clean_dir = staging / "labelsTr", staging / "labelsTr_clean"
+        if clean_dir.exists():
+            raise ValueError(f"{input_root}: already holds labelsTr_clean/ (a corrupted copy?)")
+        shutil.copytree(labels_dir, clean_dir)
+        records = []
+        for case, realisation in zip(cases, realisations, strict=True):
+            for z, record in enumerate(realisation.records):
+                records.append({"case": case.name, "z": z, **record})
+            if not realisation.is_noisy.any():
+                continue
+            path = labels_dir / f"{case.name}{_SUFFIX}"
+            original = nib.load(path)
+            shape = original.shape
+            noisy = np.moveaxis(realisation.noisy_labels, 0, -1).reshape(shape)
+            header = original.header.copy()
+            header.set_data_dtype(np.uint8)
+            image = nib.Nifti1Image(noisy.astype(np.uint8), original.affine, header)
+            path.unlink()
+            nib.save(image, path)
+        is_noisy = np.concatenate([r.is_noisy for r in realisations]) if realisations else []
+        card = noise.NoiseRealisation(
+            noisy_labels=np.zeros((0, 0, 0), np.uint8),
+            is_noisy=np.asarray(is_noisy, bool),
+            records=records,
+            kind=kind,
+            rate=float(rate),
+            seed=int(seed),
+            params=noise._jsonable(resolved),
+            num_classes=num_classes,
+            model="none" if kind == "none" else noise.model_of(kind),
+        )
+        text = json.loads(card.to_json())
+        text = {
+            "input": str(input_root.resolve()),
+            "slicing": "2D slices along the last axis; id = running index over (case, z)",
+            **text,
+        }
+        (staging / "noise_card.json").write_text(json.dumps(text, indent=1) + "\n")
+        os.replace(staging, output_root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_root
+
+
+GALLERY_KINDS = (
+    "boundary",
+    "missing",
+    "markov",
+    "markov-expand",
+    "markov-shrink",
+    "affine",
+    "edge",
+    "mixed",
+)
+_COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple")
+
+
+def gallery(
+    output_png: Path,
+    seed: int = 0,
+    image_size: int = 128,
+    kinds: tuple[str, ...] = GALLERY_KINDS,
+) -> Path:
+    """Draw every noise model (and the Markov presets) on one phantom slice: one panel per
+    kind, the clean contours solid and the noisy ones dashed over the image, titled with the
+    kind and the mean Dice of noisy vs clean. Writes `output_png` and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selfcleanse_jax.data.phantom import make_case
+
+    case = make_case(seed, 0, image_size, num_slices=8)
+    z = int(np.argmax([np.unique(case.label[..., k]).size for k in range(case.label.shape[-1])]))
+    image, clean = case.image[..., z], case.label[..., z].astype(np.uint8)
+    classes = [int(c) for c in noise.foreground_classes(clean)]
+    num_classes = max(classes) + 1
+    cols = 3
+    rows = int(np.ceil((len(kinds) + 1) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows))
+    axes = np.atleast_1d(axes).ravel()
+    panels = [("clean", clean, None), *[(k, None, k) for k in kinds]]
+    for ax, (title, label, kind) in zip(axes, panels, strict=False):
+        if kind is not None:
+            realisation = noise.apply_noise(clean[None], kind, 1.0, seed, num_classes)
+            label = realisation.noisy_labels[0]
+            record = realisation.records[0]
+            used = f" ({record['model']})" if kind == "mixed" and "model" in record else ""
+            title = f"{kind}{used}\nDice {record['dice_noisy_vs_clean']:.3f}"
+        ax.imshow(image, cmap="gray")
+        for i, c in enumerate(classes):
+            colour = _COLOURS[i % len(_COLOURS)]
+            if (clean == c).any():
+                ax.contour((clean == c), levels=[0.5], colors=colour, linewidths=1.0)
+            if kind is not None and (label == c).any():
+                ax.contour(
+                    (label == c), levels=[0.5], colors=colour, linewidths=1.2, linestyles="--"
+                )
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"label noise on a phantom slice (seed {seed}, {image_size} px): clean solid, noisy dashed",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=100)
+    plt.close(fig)
+    return output_png
