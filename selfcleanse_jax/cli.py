@@ -15,6 +15,8 @@ EPILOG = """commands:
              [--quick] [--output DIR] [--config.KEY=VALUE ...]
   bench    throughput figures as JSON
   phantom  write the synthetic cardiac phantom as an MSD-layout dataset
+  noise    corrupted copy of an MSD dataset: --input D --output D2 --kind K --rate R [--param K=V]
+  gallery  PNG of the label-noise models on the phantom: --output PNG
 """
 
 
@@ -98,7 +100,11 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfcleanse_jax import demo
 
     config = _apply_overrides(demo.demo_config(args.quick), overrides)
-    demo.main(Path(args.output), config=config)
+    demo.main(
+        Path(args.output),
+        config=config,
+        noise_kinds=tuple(args.noise) if args.noise else demo.NOISE_KINDS,
+    )
     return 0
 
 
@@ -128,6 +134,38 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_noise_param(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` of `--param`: VALUE read as a Python literal, else kept as a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    from selfcleanse_jax import noise_tools
+
+    root = noise_tools.corrupt_dataset(
+        Path(args.input), Path(args.output), args.kind, args.rate, args.seed, dict(args.param)
+    )
+    card = json.loads((root / "noise_card.json").read_text())
+    print(json.dumps({"output": str(root), **card["summary"]}, indent=1))
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from selfcleanse_jax import noise_tools
+
+    path = noise_tools.gallery(Path(args.output), seed=args.seed, image_size=args.image_size)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfcleanse",
@@ -146,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="small model and data: minutes on a CPU")
     demo.add_argument("--output", default="demo_out", help="directory for results and runs")
+    demo.add_argument(
+        "--noise",
+        nargs="+",
+        metavar="KIND",
+        help="noise models or presets to compare under (default: boundary missing)",
+    )
 
     bench = sub.add_parser("bench", help="throughput figures")
     bench.add_argument("--json", help="also write the figures to this file")
@@ -160,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--image-size", type=int, default=128)
     ph.add_argument("--slices", type=int, default=8, help="slices per case")
     ph.set_defaults(func=cmd_phantom)
+
+    nz = sub.add_parser("noise", help="write a copy of an MSD dataset with noisy training labels")
+    nz.add_argument("--input", required=True, help="MSD dataset to corrupt")
+    nz.add_argument("--output", required=True, help="new directory for the corrupted copy")
+    nz.add_argument(
+        "--kind", required=True, help="noise model or preset, e.g. boundary, markov-expand"
+    )
+    nz.add_argument("--rate", type=float, default=0.5, help="fraction of slices made noisy")
+    nz.add_argument("--seed", type=int, default=0)
+    nz.add_argument(
+        "--param",
+        type=_parse_noise_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model parameter (Python literal, else string); repeatable, e.g. radius=(1,4)",
+    )
+    nz.set_defaults(func=cmd_noise)
+
+    gal = sub.add_parser("gallery", help="PNG gallery of the label-noise models on the phantom")
+    gal.add_argument("--output", required=True, help="PNG file to write")
+    gal.add_argument("--seed", type=int, default=0)
+    gal.add_argument("--image-size", type=int, default=128)
+    gal.set_defaults(func=cmd_gallery)
     return parser
 
 

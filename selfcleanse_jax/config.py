@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.phantom_slices = 8
 
     c.noise = ml_collections.ConfigDict()
-    c.noise.kind = "boundary"  # none | boundary | missing
+    c.noise.kind = "boundary"  # none, a model of selfcleanse_jax.noise or a preset
     c.noise.rate = 0.5
     c.noise.seed = 0
     c.noise.params = ml_collections.ConfigDict()  # the noise model's parameters, e.g. radius

@@ -88,17 +88,21 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(
-    output: Path, quick: bool = False, config: ml_collections.ConfigDict | None = None
+    output: Path,
+    quick: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+    noise_kinds: tuple[str, ...] = NOISE_KINDS,
 ) -> dict:
     """Run the comparison; write `output/demo_results.json` and `.md`; print the table.
 
-    `config` replaces `demo_config(quick)`; each run sets its own method and noise kind.
+    `config` replaces `demo_config(quick)`; each run sets its own method and noise kind, one
+    of `noise_kinds` (noise models or presets).
     """
     start = time.perf_counter()
     config = demo_config(quick) if config is None else config
     output.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(config)
-    runs = [(noise, method) for noise in NOISE_KINDS for method in METHODS]
+    runs = [(noise, method) for noise in noise_kinds for method in METHODS]
     rows, oracle = [], None
     for noise, method in tqdm(runs, desc="demo", unit="run"):
         if method == "oracle" and oracle is not None:
