@@ -19,7 +19,9 @@ sample). `PRESETS` name settings of a model and are accepted wherever a kind is.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import json
 from collections.abc import Callable, Mapping
@@ -543,6 +545,44 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _corrupt_one(
+    label: np.ndarray,
+    sample_id: int,
+    *,
+    kind: str,
+    base: str,
+    rate: float,
+    seed: int,
+    params: dict[str, Any],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One sample's realisation, from (seed, sample_id, params) alone: (label, record)."""
+    record = _clean_record(sample_id, kind)
+    if kind == "none":
+        return label, record
+    rng = np.random.default_rng([seed, sample_id])
+    if rng.random() >= rate:
+        return label, record
+    result = NOISE_MODELS[base](label, rng, **params)
+    if result is None:
+        record["uncorruptible"] = "no foreground"
+        return label, record
+    noisy, drawn = result
+    changed = int(np.sum(noisy != label))
+    record["model"] = str(drawn.get("model", base)) if base == "mixed" else base
+    record["params"] = _jsonable(drawn)
+    record["pixels_changed"] = changed
+    if changed == 0:
+        record["uncorruptible"] = "corruption changed no pixel"
+        return label, record
+    dice = dice_per_class(noisy, label)
+    record.update(
+        noisy=True,
+        dice={str(c): d for c, d in dice.items()},
+        dice_noisy_vs_clean=float(np.mean(list(dice.values()))),
+    )
+    return noisy.astype(np.uint8), record
+
+
 def apply_noise(
     labels: np.ndarray,
     kind: str,
@@ -551,9 +591,11 @@ def apply_noise(
     num_classes: int,
     params: Mapping[str, Any] | None = None,
     ids: np.ndarray | None = None,
+    workers: int = 1,
 ) -> NoiseRealisation:
     """Corrupt about `rate` of the (N, H, W) labels with noise model or preset `kind`
-    ("none": no-op); `params` override the model's (or preset's) defaults.
+    ("none": no-op); `params` override the model's (or preset's) defaults. `workers` threads
+    share the samples; the result does not depend on their number.
 
     Sample i uses ``default_rng([seed, ids[i]])`` (ids default to 0..N-1): it is corrupted iff
     its first draw u < rate and the model can corrupt it; labels without foreground stay clean
@@ -576,37 +618,18 @@ def apply_noise(
     base, resolved = ("none", {}) if kind == "none" else _resolve(kind, params)
     if kind == "none" and params:
         raise ValueError(f"noise kind 'none' takes no params, got {dict(params)}")
-    noisy_labels = labels.copy()
-    is_noisy = np.zeros(len(labels), bool)
-    records = []
-    for i, sample_id in enumerate(int(s) for s in ids):
-        record = _clean_record(sample_id, kind)
-        records.append(record)
-        if kind == "none":
-            continue
-        rng = np.random.default_rng([seed, sample_id])
-        if rng.random() >= rate:
-            continue
-        result = NOISE_MODELS[base](labels[i], rng, **resolved)
-        if result is None:
-            record["uncorruptible"] = "no foreground"
-            continue
-        noisy, drawn = result
-        changed = int(np.sum(noisy != labels[i]))
-        record["model"] = str(drawn.get("model", base)) if base == "mixed" else base
-        record["params"] = _jsonable(drawn)
-        record["pixels_changed"] = changed
-        if changed == 0:
-            record["uncorruptible"] = "corruption changed no pixel"
-            continue
-        dice = dice_per_class(noisy, labels[i])
-        record.update(
-            noisy=True,
-            dice={str(c): d for c, d in dice.items()},
-            dice_noisy_vs_clean=float(np.mean(list(dice.values()))),
-        )
-        noisy_labels[i] = noisy
-        is_noisy[i] = True
+    corrupt = functools.partial(
+        _corrupt_one, kind=kind, base=base, rate=rate, seed=seed, params=resolved
+    )
+    pairs = zip(labels, (int(s) for s in ids), strict=True)
+    if workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(lambda pair: corrupt(*pair), pairs))
+    else:
+        results = [corrupt(*pair) for pair in pairs]
+    records = [record for _, record in results]
+    noisy_labels = np.stack([noisy for noisy, _ in results]) if results else labels.copy()
+    is_noisy = np.array([record["noisy"] for record in records], bool)
     return NoiseRealisation(
         noisy_labels=noisy_labels,
         is_noisy=is_noisy,

@@ -258,12 +258,12 @@ def test_realised_rate_within_binomial_tolerance_for_every_model(kind):
 
 
 @pytest.mark.parametrize("kind", [*ALL_KINDS, "markov-shrink"])
-def test_same_seed_same_noise_in_any_order_for_every_model(kind):
+def test_same_seed_same_noise_in_any_order_and_worker_count_for_every_model(kind):
     labels = _labels(24, 24, seed=1)
     ids = np.arange(50, 74)
     first = apply_noise(labels, kind, 0.6, 5, NUM_CLASSES, ids=ids)
     order = np.random.default_rng(1).permutation(len(labels))
-    second = apply_noise(labels[order], kind, 0.6, 5, NUM_CLASSES, ids=ids[order])
+    second = apply_noise(labels[order], kind, 0.6, 5, NUM_CLASSES, ids=ids[order], workers=3)
     np.testing.assert_array_equal(second.noisy_labels, first.noisy_labels[order])
     assert [r["params"] for r in second.records] == [first.records[i]["params"] for i in order]
     other = apply_noise(labels, kind, 0.6, 6, NUM_CLASSES, ids=ids)
