@@ -382,6 +382,7 @@ class Trainer:
         """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
         config = self.config
         self.noise.save(self.workdir / "noise_card.json")
+        (self.workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
         metrics_path = self.workdir / "metrics.jsonl"
         checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
         start = time.perf_counter()

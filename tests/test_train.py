@@ -54,6 +54,7 @@ def test_train_one_epoch_from_the_command_line(tmp_path):
     assert 0.0 <= record["test_dice"] <= 1.0
     assert set(record["test_dice_per_class"]) == {"right ventricle", "myocardium", "left ventricle"}
     assert "detection" in record["cleanse"]
+    assert json.loads((workdir / "config.json").read_text())["method"] == "selfcleanse"
     card = json.loads((workdir / "noise_card.json").read_text())
     assert card["kind"] == "boundary"
     assert (workdir / "checkpoints").is_dir()
