@@ -35,8 +35,8 @@ def test_slices_resized_with_bookkeeping():
     np.testing.assert_array_equal(table.case_index, [0, 0, 0, 1, 1])
     np.testing.assert_array_equal(table.z, [0, 1, 2, 0, 1])
     assert table.case_names == ["a", "b"]
-    np.testing.assert_allclose(table.spacing[0], [1.0 * 40 / 32, 2.0 * 20 / 32])
-    np.testing.assert_allclose(table.spacing[3], [1.0, 2.0])
+    np.testing.assert_allclose(table.spacing[0], [1.0 * 40 / 32, 2.0 * 20 / 32, 5.0])
+    np.testing.assert_allclose(table.spacing[3], [1.0, 2.0, 5.0])
     # Nearest-neighbour labels keep their values; class areas scale with the resize.
     assert set(np.unique(table.labels[:3])) == {0, 1, 2}
     original = np.mean(cases[0].label == 2)

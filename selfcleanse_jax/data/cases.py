@@ -34,7 +34,7 @@ class SliceTable:
     case_index: np.ndarray  # (N,) int32, index into `case_names`
     z: np.ndarray  # (N,) int32, slice position in its case
     case_names: list[str]
-    spacing: np.ndarray  # (N, 2) float32, in-plane spacing of the (resized) slice in mm
+    spacing: np.ndarray  # (N, 3) float32, voxel spacing of the (resized) slice in mm
 
     @property
     def idx(self) -> np.ndarray:

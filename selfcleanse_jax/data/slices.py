@@ -52,8 +52,12 @@ def cases_to_slices(cases: Sequence[Case], image_size: int, normalize: bool = Tr
         labels.append(np.moveaxis(label, -1, 0))
         case_index.append(np.full(depth, i, np.int32))
         zs.append(np.arange(depth, dtype=np.int32))
-        in_plane = (case.spacing[0] * h / image_size, case.spacing[1] * w / image_size)
-        spacing.append(np.tile(np.asarray(in_plane, np.float32), (depth, 1)))
+        voxel = (
+            case.spacing[0] * h / image_size,
+            case.spacing[1] * w / image_size,
+            case.spacing[2],
+        )
+        spacing.append(np.tile(np.asarray(voxel, np.float32), (depth, 1)))
     return SliceTable(
         images=np.concatenate(images)[..., None].astype(np.float32),
         labels=np.concatenate(labels).astype(np.uint8),
