@@ -54,5 +54,33 @@ class Checkpointer:
         bank = {k: np.asarray(v) for k, v in restored["bank"].items()}
         return restored["state"], bank, restored["meta"]
 
+    def restore_state(self, epoch: int, state_template: Any = None) -> Any:
+        """Restore only the model/optimiser state of `epoch` (for evaluation and prediction).
+
+        With a template the result is host arrays shaped like it; without one, orbax's raw
+        nested dicts (enough to read the saved parameter shapes).
+        """
+        if state_template is None:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore())
+            return self.manager.restore(epoch, args=args)["state"]
+        template = jax.device_get(state_template)
+        try:
+            restored = self.manager.restore(
+                epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+            )
+        except (ValueError, KeyError):
+            # An orbax version that refuses partial restores: read the bank too, as saved.
+            raw = self.manager.restore(
+                epoch, args=ocp.args.Composite(bank=ocp.args.StandardRestore())
+            )
+            restored = self.manager.restore(
+                epoch,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template),
+                    bank=ocp.args.StandardRestore(raw["bank"]),
+                ),
+            )
+        return restored["state"]
+
     def close(self) -> None:
         self.manager.close()

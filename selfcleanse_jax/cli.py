@@ -17,6 +17,8 @@ EPILOG = """commands:
   phantom  write the synthetic cardiac phantom as an MSD-layout dataset
   noise    corrupted copy of an MSD dataset: --input D --output D2 --kind K --rate R [--param K=V]
   gallery  PNG of the label-noise models on the phantom: --output PNG
+  predict  segment volumes: --workdir RUN --input FILE_OR_DIR --output DIR [--tta]
+  evaluate Dice, IoU, HD95, ASSD on the test cases: --workdir RUN -> RUN/eval/metrics.json
 """
 
 
@@ -166,6 +168,24 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from selfcleanse_jax import predict
+
+    written = predict.predict(
+        Path(args.workdir), Path(args.input), Path(args.output), flip_tta=args.tta
+    )
+    print(f"wrote {len(written)} label volume(s) to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selfcleanse_jax import evaluate
+
+    result = evaluate.evaluate(Path(args.workdir), split=args.split)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfcleanse",
@@ -228,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     gal.add_argument("--seed", type=int, default=0)
     gal.add_argument("--image-size", type=int, default=128)
     gal.set_defaults(func=cmd_gallery)
+
+    pr = sub.add_parser("predict", help="segment NIfTI volumes with a trained run")
+    pr.add_argument("--workdir", required=True, help="workdir of a training run")
+    pr.add_argument("--input", required=True, help="a .nii/.nii.gz file or a directory of them")
+    pr.add_argument("--output", required=True, help="directory for the label volumes")
+    pr.add_argument("--tta", action="store_true", help="average with the mirrored image")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD of a run's latest checkpoint")
+    ev.add_argument("--workdir", required=True, help="workdir of a training run")
+    ev.add_argument("--split", default="test", choices=["test"], help="only test for now")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""Evaluate a training run's latest checkpoint on its test cases, per case and per class.
+
+`evaluate(workdir)` writes `WORKDIR/eval/metrics.json` (mean Dice and, per class, mean/std of
+Dice, IoU, HD95 and ASSD in mm plus the number of cases whose distances are undefined) and
+`WORKDIR/eval/per_case.csv`. Conventions are those of `metrics.case_metrics`: a class absent
+from prediction and reference scores Dice = IoU = 1 and has no distances; a class in only one
+of them scores 0 and its distances count as missing (excluded from the distance means).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from selfcleanse_jax import metrics
+from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.predict import load_config, load_trained
+
+SPLITS = ("test",)
+MEASURES = ("dice", "iou", "hd95", "assd")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _summary(values: list[float | None]) -> dict[str, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present))}
+
+
+def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) -> dict:
+    """Metrics of the latest checkpoint of the run in `workdir` on `split` ("test" only).
+
+    The data is rebuilt from the run's config (the phantom from its seed). Returns the content
+    of metrics.json; with `write`, also writes `WORKDIR/eval/metrics.json` and `per_case.csv`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not available: only 'test' can be evaluated for now")
+    workdir = Path(workdir)
+    load_config(workdir)  # a clear error before anything slow
+    model = load_trained(workdir)
+    config = model.config
+    dataset = load_dataset(config)
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(
+            f"{workdir / 'config.json'}: the data has {dataset.num_classes} classes, "
+            f"the checkpoint {model.num_classes}"
+        )
+    table = dataset.test
+    batch_size = config.train.eval_batch_size
+    predictions = []
+    for start in range(0, len(table), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(table)))
+        pred, _ = model.steps.evaluate(
+            model.state, {"image": table.images[idx], "target": table.labels[idx]}
+        )
+        predictions.append(pred)
+    predictions = np.concatenate(jax.device_get(predictions))
+
+    names = dataset.class_names
+    rows = []
+    for case in range(len(table.case_names)):
+        members = table.volume_slices(case)
+        pred = np.moveaxis(predictions[members], 0, -1)  # (H, W, Z)
+        ref = np.moveaxis(table.labels[members], 0, -1)
+        spacing = tuple(float(s) for s in table.spacing[members[0]])
+        for c, m in metrics.case_metrics(pred, ref, dataset.num_classes, spacing).items():
+            rows.append({"case": table.case_names[case], "class": names[c], **m})
+
+    per_class = {}
+    for name in names[1:]:
+        mine = [r for r in rows if r["class"] == name]
+        per_class[name] = {k: _summary([r[k] for r in mine]) for k in MEASURES}
+        per_class[name]["missing_distances"] = sum(r["missing_distance"] for r in mine)
+    result = {
+        "split": split,
+        "epoch": model.epoch,
+        "num_cases": len(table.case_names),
+        "mean_dice": float(np.mean([per_class[n]["dice"]["mean"] for n in names[1:]])),
+        "per_class": per_class,
+    }
+    if write:
+        out = workdir / "eval"
+        _write_atomic(out / "metrics.json", json.dumps(result, indent=1) + "\n")
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["case", "class", *MEASURES])
+        for r in rows:
+            writer.writerow(
+                [r["case"], r["class"], *("" if r[k] is None else f"{r[k]:.6g}" for k in MEASURES)]
+            )
+        _write_atomic(out / "per_case.csv", text.getvalue())
+    return result

@@ -1,0 +1,271 @@
+"""Segment NIfTI volumes with a trained run: `predict(workdir, input_path, output_dir)`.
+
+Every volume is prepared exactly as training prepared its cases (`normalize_volume`, then each
+slice along the last axis resized linearly to `config.data.image_size`); the predicted labels
+are resized back by nearest neighbour and saved as uint8 NIfTI with the input's affine and
+qform/sform, under the input's file name (a `_0000` channel suffix dropped).
+
+`load_trained(workdir)` (also used by `evaluate`) rebuilds the model from `WORKDIR/config.json`
+and the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import nibabel as nib
+import numpy as np
+from flax import nnx
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.data.slices import normalize_volume
+from selfcleanse_jax.models.unet import UNetConfig
+from selfcleanse_jax.steps import Steps, TrainState, init_model
+
+SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A run's config, its model restored from the latest checkpoint, and the steps to run it."""
+
+    config: ml_collections.ConfigDict
+    model_config: UNetConfig
+    steps: Steps
+    state: TrainState  # placed for `steps`
+    epoch: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.model_config.num_classes
+
+    @functools.cached_property
+    def host_state(self) -> TrainState:
+        return self.steps.get_state(self.state)
+
+    @functools.cached_property
+    def _probabilities(self):
+        graphdef = init_model(self.model_config, 0)[1]  # eval mode: running BatchNorm stats
+
+        @functools.partial(jax.jit, static_argnames="flip")
+        def probabilities(params, batch_stats, images, flip):
+            model = nnx.merge(graphdef, params, batch_stats)
+            probs = jax.nn.softmax(model(images).astype(jnp.float32), axis=-1)
+            if flip:
+                mirrored = jax.nn.softmax(model(images[:, :, ::-1]).astype(jnp.float32), axis=-1)
+                probs = 0.5 * (probs + mirrored[:, :, ::-1])
+            return probs
+
+        return probabilities
+
+    def probabilities(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
+        """Softmax (B, H, W, K) of images (B, H, W, C); with `flip`, averaged with that of the
+        horizontally mirrored images (mirrored back)."""
+        state = self.host_state
+        return np.asarray(
+            self._probabilities(state.params, state.batch_stats, jnp.asarray(images), flip)
+        )
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (is {workdir} the workdir of a training run?)")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from error
+
+
+def _saved_shapes(raw: Any) -> tuple[int, int]:
+    """(in_channels, num_classes) read from the saved parameters (first conv, head)."""
+    params = raw["params"]
+    head = np.shape(jax.tree.leaves(params["head"]["kernel"])[0])
+    encoders = params["encoders"]
+    first = (
+        encoders[0] if isinstance(encoders, list | tuple) else encoders.get("0", encoders.get(0))
+    )
+    in_channels = np.shape(jax.tree.leaves(first["conv1"]["kernel"])[0])[-2]
+    return int(in_channels), int(head[-1])
+
+
+def load_trained(workdir: str | Path, parallel: str | None = None) -> TrainedModel:
+    """The model of a training run's latest checkpoint.
+
+    Raises a one-line ValueError naming the path when the workdir has no config.json or no
+    checkpoint. `parallel` overrides the run's `config.parallel`.
+    """
+    from selfcleanse_jax.train import OptimizerConfig, model_config, step_config
+
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir():
+        raise ValueError(f"{checkpoints}: no checkpoint found")
+    checkpointer = Checkpointer(workdir)
+    try:
+        epoch = checkpointer.latest_epoch()
+        if epoch is None:
+            raise ValueError(f"{checkpoints}: no checkpoint found")
+        in_channels, num_classes = _saved_shapes(checkpointer.restore_state(epoch))
+        mc = model_config(config, in_channels, num_classes)
+        t = config.train
+        # Only the optimiser state's structure matters for the restore template.
+        optimizer = OptimizerConfig(t.learning_rate, t.weight_decay, t.warmup_steps, 1)
+        steps = Steps(
+            mc, optimizer.build(), step_config(config, num_classes), parallel or config.parallel
+        )
+        template = steps.get_state(steps.init_state(config.seed))
+        state = steps.put_state(checkpointer.restore_state(epoch, template))
+    finally:
+        checkpointer.close()
+    return TrainedModel(config=config, model_config=mc, steps=steps, state=state, epoch=epoch)
+
+
+# -- NIfTI in, NIfTI out ---------------------------------------------------------------------
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(SUFFIXES)
+
+
+def input_files(input_path: str | Path) -> list[Path]:
+    """A NIfTI file, or the `.nii` / `.nii.gz` files of a directory (sorted)."""
+    path = Path(input_path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+        if not files:
+            raise ValueError(f"{path}: no .nii or .nii.gz files found")
+        return files
+    if not path.is_file():
+        raise ValueError(f"{path}: file or directory not found")
+    if not _is_nifti(path):
+        raise ValueError(f"{path}: expected a .nii or .nii.gz file")
+    return [path]
+
+
+def output_name(path: Path) -> str:
+    """The input's file name, without a `_0000` channel suffix."""
+    name = path.name
+    suffix = next(s for s in SUFFIXES if name.endswith(s))
+    stem = name[: -len(suffix)]
+    if stem.endswith("_0000"):
+        stem = stem[:-5]
+    return stem + suffix
+
+
+def read_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """The image and its data as (H, W, Z) float32 (a single-channel 4-D image is squeezed)."""
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, np.float32)
+    except Exception as error:  # nibabel raises several types for broken files
+        raise ValueError(f"{path}: cannot read NIfTI ({error})") from error
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    elif data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise ValueError(
+            f"{path}: expected a 3-D volume (or 4-D with one channel), got {data.shape}"
+        )
+    if min(data.shape) < 1:
+        raise ValueError(f"{path}: empty volume of shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"{path}: image contains NaN or infinite values")
+    return image, data
+
+
+def segment_volume(model: TrainedModel, volume: np.ndarray, flip_tta: bool = False) -> np.ndarray:
+    """Labels (H, W, Z) uint8 of a raw volume (H, W, Z), prepared as training prepared cases."""
+    size = model.config.data.image_size
+    batch_size = model.config.train.eval_batch_size
+    image = normalize_volume(volume)
+    h, w, depth = image.shape
+    if (h, w) != (size, size):
+        image = ndimage.zoom(image, (size / h, size / w, 1.0), order=1)
+    slices = np.moveaxis(image, -1, 0)[..., None]  # (Z, S, S, 1)
+    if model.model_config.in_channels != 1:
+        raise ValueError(f"the model expects {model.model_config.in_channels} input channels")
+    labels = np.concatenate(
+        [
+            np.argmax(model.probabilities(slices[i : i + batch_size], flip_tta), axis=-1)
+            for i in range(0, depth, batch_size)
+        ]
+    ).astype(np.uint8)
+    labels = np.moveaxis(labels, 0, -1)  # (S, S, Z)
+    if (h, w) != (size, size):
+        labels = ndimage.zoom(labels, (h / size, w / size, 1.0), order=0)
+        if labels.shape != (h, w, depth):  # guard against rounding in zoom's output shape
+            fixed = np.zeros((h, w, depth), np.uint8)
+            hh, ww = min(h, labels.shape[0]), min(w, labels.shape[1])
+            fixed[:hh, :ww] = labels[:hh, :ww]
+            labels = fixed
+    return labels
+
+
+def save_labels(labels: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
+    """uint8 NIfTI with `like`'s affine, qform and sform; written to a temp file, then moved."""
+    header = like.header.copy() if isinstance(like, nib.Nifti1Image) else None
+    out = nib.Nifti1Image(np.asarray(labels, np.uint8), like.affine, header=header)
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1.0, 0.0)
+    if isinstance(like, nib.Nifti1Image):
+        qform, qcode = like.get_qform(coded=True)
+        sform, scode = like.get_sform(coded=True)
+        out.set_qform(like.affine if qform is None else qform, code=int(qcode or 0))
+        out.set_sform(like.affine if sform is None else sform, code=int(scode or 0))
+        if not qcode and not scode:
+            out.set_sform(like.affine, code=2)
+    suffix = next(s for s in SUFFIXES if path.name.endswith(s))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        out.to_filename(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict(
+    workdir: str | Path,
+    input_path: str | Path,
+    output_dir: str | Path,
+    flip_tta: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment a NIfTI file or a directory of them; return the written label files.
+
+    Each output is `output_dir/<input name>` (`_0000` dropped), uint8, of the input's exact
+    shape and affine. With `flip_tta` the softmax of each slice is averaged with that of its
+    horizontal mirror. Raises ValueError naming the file for unreadable or non-3-D inputs.
+    """
+    files = input_files(input_path)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    targets = [output_dir / output_name(f) for f in files]
+    for source, target in zip(files, targets, strict=True):
+        if target.resolve() == source.resolve():
+            raise ValueError(f"{target}: output would overwrite the input; choose another --output")
+    model = load_trained(workdir, parallel="none")
+    written = []
+    for source, target in tqdm(
+        list(zip(files, targets, strict=True)), desc="predict", unit="volume", disable=not progress
+    ):
+        image, volume = read_volume(source)
+        labels = segment_volume(model, volume, flip_tta).reshape(image.shape)
+        save_labels(labels, image, target)
+        written.append(target)
+    return written

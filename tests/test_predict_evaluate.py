@@ -1,0 +1,96 @@
+"""Prediction on NIfTI files and evaluation of a run, with one tiny model trained once."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from selfcleanse_jax import train
+from selfcleanse_jax.evaluate import evaluate
+from selfcleanse_jax.predict import output_name, predict
+from tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    config = tiny_config(**{"train.epochs": 1, "parallel": "none", "data.phantom_train_cases": 2})
+    train.run(config, path)
+    return path
+
+
+def _volume(shape, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * 50 + 200).astype(np.float32)
+
+
+def test_predict_keeps_shape_affine_and_writes_labels(workdir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    ras = np.diag([1.5, 0.8, 3.0, 1.0])
+    ras[:3, 3] = [-40.0, 12.5, 7.0]
+    lps = np.diag([-0.9, -0.9, 2.5, 1.0])
+    lps[:3, 3] = [100.0, 80.0, -30.0]
+    cases = {"a_0000.nii.gz": ((40, 28, 3), ras), "b.nii": ((24, 36, 2), lps)}
+    for name, (shape, affine) in cases.items():
+        nib.save(nib.Nifti1Image(_volume(shape, len(name)), affine), inputs / name)
+
+    written = predict(workdir, inputs, tmp_path / "out", flip_tta=True, progress=False)
+    assert sorted(p.name for p in written) == ["a.nii.gz", "b.nii"]
+    for name, (shape, affine) in cases.items():
+        out = nib.load(tmp_path / "out" / output_name(inputs / name))
+        data = np.asanyarray(out.dataobj)
+        assert data.shape == shape
+        assert data.dtype == np.uint8
+        assert data.max() < 4  # the phantom's 4 classes
+        np.testing.assert_allclose(out.affine, affine, atol=1e-5)
+        np.testing.assert_allclose(out.get_sform(), affine, atol=1e-5)
+    assert not list((tmp_path / "out").glob(".*"))  # no temp files left behind
+
+    single = predict(workdir, inputs / "b.nii", tmp_path / "out2", progress=False)
+    assert [p.name for p in single] == ["b.nii"]
+
+
+def test_predict_rejects_a_file_that_is_not_nifti(workdir, tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="x.nii.gz"):
+        predict(workdir, bad, tmp_path / "out", progress=False)
+
+
+def test_predict_rejects_a_multichannel_volume(workdir, tmp_path):
+    path = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(_volume((8, 8, 2, 2), 0), np.eye(4)), path)
+    with pytest.raises(ValueError, match="m.nii.gz"):
+        predict(workdir, path, tmp_path / "out", progress=False)
+
+
+def test_evaluate_writes_metrics_and_per_case_rows(workdir):
+    result = evaluate(workdir)
+    saved = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert saved == result
+    names = ["right ventricle", "myocardium", "left ventricle"]
+    assert list(result["per_class"]) == names
+    dice = [result["per_class"][n]["dice"]["mean"] for n in names]
+    assert result["mean_dice"] == pytest.approx(np.mean(dice))
+    # Same volume Dice as the training loop's own test evaluation.
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert dice == pytest.approx(list(last["test_dice_per_class"].values()), abs=1e-6)
+    with (workdir / "eval" / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["num_cases"] * len(names)
+    assert set(rows[0]) == {"case", "class", "dice", "iou", "hd95", "assd"}
+
+
+def test_evaluate_errors_name_the_path(tmp_path, workdir):
+    with pytest.raises(ValueError, match="config.json"):
+        evaluate(tmp_path)
+    (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+    with pytest.raises(ValueError, match="checkpoints"):
+        evaluate(tmp_path)
+    with pytest.raises(ValueError, match="only 'test'"):
+        evaluate(workdir, split="val")
