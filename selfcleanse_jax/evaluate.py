@@ -16,12 +16,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from selfcleanse_jax import metrics
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.predict import load_config, load_trained
+from selfcleanse_jax.train import evaluate_losses
 
 SPLITS = ("test",)
 MEASURES = ("dice", "iou", "hd95", "assd")
@@ -65,15 +65,9 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
             f"the checkpoint {model.num_classes}"
         )
     table = dataset.test
-    batch_size = config.train.eval_batch_size
-    predictions = []
-    for start in range(0, len(table), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(table)))
-        pred, _ = model.steps.evaluate(
-            model.state, {"image": table.images[idx], "target": table.labels[idx]}
-        )
-        predictions.append(pred)
-    predictions = np.concatenate(jax.device_get(predictions))
+    predictions, _ = evaluate_losses(
+        model.steps, model.state, table, table.labels, config.train.eval_batch_size
+    )
 
     names = dataset.class_names
     rows = []

@@ -172,7 +172,7 @@ def evaluate_losses(
     return np.concatenate(jax.device_get(predictions)), np.concatenate(jax.device_get(losses))
 
 
-def test_dice(
+def volume_dice(
     steps: Steps, state: TrainState, table: SliceTable, num_classes: int, batch_size: int
 ) -> np.ndarray:
     """Volume-level Dice per foreground class, averaged over the test cases."""
@@ -312,7 +312,7 @@ class Trainer:
         return float(np.mean(jax.device_get(losses)))
 
     def evaluate_test(self) -> dict:
-        dice = test_dice(
+        dice = volume_dice(
             self.steps,
             self.state,
             self.dataset.test,
