@@ -63,9 +63,29 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "affine-severe": ("affine", {"beta": 0.4}),
     "edge-add": ("edge", {"p_add": 1.0}),
     "edge-remove": ("edge", {"p_add": 0.0}),
+    **{
+        f"sc-{data}-{effect}": (
+            "markov",
+            {
+                "steps": steps,
+                "theta1": theta1,
+                "theta2": 0.05,
+                "theta3": 0.2,
+                "band": None,
+                "sigma": 2.0,
+                "truncate": 1.0,
+                "reference_size": None,
+            },
+        )
+        for data, steps in (("jsrt", 180), ("isic", 200))
+        for effect, theta1 in (("expand", 0.8), ("shrink", 0.2))
+    },
+    "sc-de": ("boundary", {"radius": (7, 9), "p_dilate": 0.5, "reference_size": None}),
 }
-"""Named settings of a model, usable wherever a kind is: name -> (model, params). Named by
-effect; the numbers are this project's (see README, "Label-noise models")."""
+"""Named settings of a model, usable wherever a kind is: name -> (model, params). The `sc-*`
+presets are Spatial Correction's published settings (Yao et al., ICLR 2023, the table of its
+repository's README: JSRT lung/heart J1/J2, ISIC I2/I1, dilate/erode J3/I3), named by effect;
+the others are named by effect with this project's numbers (see README)."""
 
 
 def model_of(kind: str) -> str:
@@ -237,8 +257,9 @@ def markov(
     theta1: float = 0.5,
     theta2: float = 0.5,
     theta3: float = 0.05,
-    band: float = 2.0,
+    band: float | None = 2.0,
     sigma: float = 1.0,
+    truncate: float = 4.0,
     classes: list[int] | None = None,
     reference_size: int | None = 128,
 ) -> NoiseResult:
@@ -250,16 +271,19 @@ def markov(
     at each step the mask expands with probability `theta1`, else shrinks, and each pixel of
     the corresponding 4-connected boundary (the outer rim when expanding, the inner rim when
     shrinking) flips with probability `theta2`. Then i.i.d. flips with probability `theta3`,
-    restricted (our choice) to a band of `band` pixels around the resulting boundary, and a
-    Gaussian blur of width `sigma` re-thresholded at 0.5. Added pixels overwrite whatever was
-    there, removed pixels become background. Defaults are ours (unbiased, theta1 = 0.5); the
-    presets `markov-expand` (theta1 = 0.8) and `markov-shrink` (theta1 = 0.2) bias the walk.
+    restricted (our default) to a band of `band` pixels around the resulting boundary or, with
+    `band=None`, anywhere in the image as in the authors' code; then a Gaussian blur of width
+    `sigma` (kernel radius `truncate * sigma`) re-thresholded at 0.5. Added pixels overwrite
+    whatever was there, removed pixels become background. As in the authors' released
+    `noise_generator.py`, theta1 is the probability of an *expansion* step (that code's
+    comments say "erode" on both branches). Defaults are ours (unbiased, theta1 = 0.5); the
+    `sc-*` presets are the authors' published settings.
     """
     selected = _select_classes(label, classes)
     if selected.size == 0:
         return None
     n_steps = max(1, int(round(_scaled(steps, label.shape, reference_size))))
-    width = _scaled(band, label.shape, reference_size)
+    width = None if band is None else _scaled(band, label.shape, reference_size)
     out = label.copy()
     changes = []
     for cls in rng.permutation(selected):
@@ -278,12 +302,15 @@ def markov(
             flip = rim & (rng.random(mask.shape) < theta2)
             mask = mask ^ flip
         if theta3 > 0:
-            near = (ndimage.distance_transform_edt(~mask) <= width) & (
-                ndimage.distance_transform_edt(mask) <= width
-            )
-            mask = mask ^ (near & (rng.random(mask.shape) < theta3))
+            flips = rng.random(mask.shape) < theta3
+            if width is not None:
+                flips &= (ndimage.distance_transform_edt(~mask) <= width) & (
+                    ndimage.distance_transform_edt(mask) <= width
+                )
+            mask = mask ^ flips
         if sigma > 0:
-            mask = ndimage.gaussian_filter(mask.astype(np.float32), sigma) > 0.5
+            blurred = ndimage.gaussian_filter(mask.astype(np.float32), sigma, truncate=truncate)
+            mask = blurred > 0.5
         out[before & ~mask] = 0
         out[mask & ~before] = cls
         changes.append(

@@ -386,3 +386,14 @@ def test_new_models_keep_empty_labels_clean(kind):
     realisation = apply_noise(labels, kind, 1.0, 0, NUM_CLASSES)
     np.testing.assert_array_equal(realisation.noisy_labels[::2], 0)
     assert realisation.records[0]["uncorruptible"] == "no foreground"
+
+
+def test_spatial_correction_presets_follow_the_authors_code():
+    labels = _labels(6, 48)
+    area = _foreground_areas(labels)
+    grown = apply_noise(labels, "sc-jsrt-expand", 1.0, 0, NUM_CLASSES)
+    shrunk = apply_noise(labels, "sc-jsrt-shrink", 1.0, 0, NUM_CLASSES)
+    assert np.all(_foreground_areas(grown.noisy_labels) > area)  # theta1 = P(expansion step)
+    assert np.all(_foreground_areas(shrunk.noisy_labels) < area)
+    assert grown.params["steps"] == 180 and grown.params["band"] is None
+    assert grown.records[0]["params"]["changes"][0]["steps"] == 180  # not rescaled
