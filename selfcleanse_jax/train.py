@@ -301,15 +301,36 @@ class Trainer:
         return record
 
     # -- the loop --------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int) -> np.ndarray:
+        """One pass over the training slices; each slice's training loss (NaN if not seen)."""
         train = self.dataset.train
         key = jax.random.key(self.config.seed)
-        losses = []
+        seen, losses = [], []
         for idx in epoch_batches(len(train), self.config.train.batch_size, self.config.seed, epoch):
             step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + len(losses))
             self.state, loss = self.steps.train(self.state, self.bank.batch(train, idx), step_key)
+            seen.append(idx)
             losses.append(loss)
-        return float(np.mean(jax.device_get(losses)))
+        per_sample = np.full(len(train), np.nan, np.float32)
+        per_sample[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
+        return per_sample
+
+    def record_dynamics(self, epoch: int, train_loss: np.ndarray, cleansed: bool) -> None:
+        """Per-slice values of this epoch to `WORKDIR/dynamics/epoch_NNNN.npz`."""
+        arrays = {
+            "idx": self.dataset.train.idx,
+            "train_loss": train_loss,
+            "weight": self.bank.weights,
+        }
+        if cleansed:
+            arrays.update(
+                lfm_loss=self.loss_history[-1],
+                clean_prob=self.bank.clean_prob,
+                flagged=self.bank.flagged,
+            )
+        directory = self.workdir / "dynamics"
+        directory.mkdir(exist_ok=True)
+        np.savez_compressed(directory / f"epoch_{epoch:04d}.npz", **arrays)
 
     def evaluate_test(self) -> dict:
         dice = volume_dice(
@@ -367,9 +388,13 @@ class Trainer:
         """A cleansing round (after the warm-up), an epoch of training, evaluation, checkpoint."""
         config = self.config
         record: dict = {"epoch": epoch}
-        if config.method in ("filter", "selfcleanse") and epoch >= self.warmup:
+        cleansing = config.method in ("filter", "selfcleanse") and epoch >= self.warmup
+        if cleansing:
             record["cleanse"] = self.cleansing_round(epoch)
-        record["train_loss"] = self.train_epoch(epoch)
+        train_loss = self.train_epoch(epoch)
+        record["train_loss"] = float(np.nanmean(train_loss))
+        if config.train.record_dynamics and jax.process_index() == 0:
+            self.record_dynamics(epoch, train_loss, cleansing)
         last = epoch == config.train.epochs - 1
         every = config.train.eval_every
         if last or (every and (epoch + 1) % every == 0):

@@ -99,6 +99,12 @@ def test_cleansing_rounds_reweight_and_relabel(tmp_path, tiny_dataset, method):
     unflagged = ~flagged
     np.testing.assert_array_equal(trainer.bank.targets[unflagged], trainer.bank.given[unflagged])
     assert np.all(trainer.bank.weights[unflagged] == 1.0)
+    warmup = np.load(tmp_path / "dynamics" / "epoch_0000.npz")
+    assert "clean_prob" not in warmup and warmup["train_loss"].shape == (len(tiny_dataset.train),)
+    last = np.load(tmp_path / "dynamics" / "epoch_0001.npz")
+    np.testing.assert_array_equal(last["clean_prob"], trainer.bank.clean_prob)
+    np.testing.assert_array_equal(last["flagged"], flagged)
+    assert np.isfinite(last["lfm_loss"]).all()
     if method == "filter":
         assert np.all(trainer.bank.weights[flagged] == 0.0)
         np.testing.assert_array_equal(trainer.bank.targets, trainer.bank.given)
