@@ -26,12 +26,41 @@ class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
 
+NOISE_PARAM_PREFIX = "--config.noise.params."
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line (KeyError quotes and splits its own)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split())
+
+
+def _split_noise_params(argv: list[str]) -> tuple[list[str], dict]:
+    """Take out `--config.noise.params.KEY=VALUE`: the noise model's own parameters, which
+    the config file cannot list in advance (they depend on `noise.kind`)."""
+    rest, params = [], {}
+    for arg in argv:
+        if arg.startswith(NOISE_PARAM_PREFIX):
+            key, value = _parse_noise_param(arg.removeprefix(NOISE_PARAM_PREFIX))
+            params[key] = value
+        else:
+            rest.append(arg)
+    return rest, params
+
+
+def _with_noise_params(config, params: dict):
+    with config.unlocked():
+        config.noise.params.update(params)
+    return config
+
+
 def _parse_train(argv: list[str]):
     """Parse `--config FILE [--config.KEY=VALUE ...] --workdir DIR` with ml_collections."""
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
+    argv, noise_params = _split_noise_params(argv)
     argv = ["selfcleanse train", *argv]
     config_flags.DEFINE_config_file(
         "config",
@@ -50,13 +79,13 @@ def _parse_train(argv: list[str]):
     flags.DEFINE_boolean("debug", False, "Show tracebacks.", flag_values=flag_values)
     try:
         flag_values(argv)
-    except flags.Error as e:
-        raise UsageError(str(e)) from None
+    except (flags.Error, KeyError, AttributeError) as e:
+        raise UsageError(_one_line(e)) from None
     if flag_values.config is None:
         raise UsageError("--config is required, e.g. --config configs/phantom.py")
     if not flag_values.workdir:
         raise UsageError("--workdir is required")
-    return flag_values.config, flag_values.workdir
+    return _with_noise_params(flag_values.config, noise_params), flag_values.workdir
 
 
 TRAIN_USAGE = """\
@@ -88,14 +117,15 @@ def _apply_overrides(config, overrides: list[str]):
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise UsageError(f"unrecognised arguments: {' '.join(bad)}")
+    overrides, noise_params = _split_noise_params(overrides)
     flag_values = flags.FlagValues()
     argv = ["selfcleanse", *overrides]
-    config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
     try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
         flag_values(argv)
-    except flags.Error as e:
-        raise UsageError(str(e)) from None
-    return flag_values.config
+    except (flags.Error, KeyError, AttributeError) as e:
+        raise UsageError(_one_line(e)) from None
+    return _with_noise_params(flag_values.config, noise_params)
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:

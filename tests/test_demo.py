@@ -1,6 +1,7 @@
 """The demo's table and results file, on a tiny phantom."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,23 @@ def test_demo_command_line_overrides_are_typed_and_checked():
     assert config.train.epochs == 3 and config.noise.rate == 0.3
     with pytest.raises(cli.UsageError):
         cli._apply_overrides(demo.demo_config(quick=True), ["--epochs=3"])
+    with pytest.raises(cli.UsageError, match="Did you mean"):
+        cli._apply_overrides(demo.demo_config(quick=True), ["--config.trian.epochs=3"])
+
+
+def test_noise_parameters_pass_through_the_command_line():
+    config, _ = cli._parse_train(
+        [
+            "--config",
+            str(Path(__file__).parents[1] / "configs/phantom.py"),
+            "--workdir",
+            "unused",
+            "--config.noise.kind=boundary",
+            "--config.noise.params.radius=(2, 4)",
+        ]
+    )
+    assert config.noise.params.radius == (2, 4)
+    config = cli._apply_overrides(
+        demo.demo_config(quick=True), ["--config.noise.params.unit=component"]
+    )
+    assert config.noise.params.unit == "component"
