@@ -29,6 +29,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.data.msd import read_nifti
 from selfcleanse_jax.data.slices import normalize_volume
 from selfcleanse_jax.models.unet import UNetConfig
 from selfcleanse_jax.steps import Steps, TrainState, init_model
@@ -167,19 +168,8 @@ def output_name(path: Path) -> str:
 
 def read_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
     """The image and its data as (H, W, Z) float32 (a single-channel 4-D image is squeezed)."""
-    try:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj, np.float32)
-    except Exception as error:  # nibabel raises several types for broken files
-        raise ValueError(f"{path}: cannot read NIfTI ({error})") from error
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    elif data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise ValueError(
-            f"{path}: expected a 3-D volume (or 4-D with one channel), got {data.shape}"
-        )
+    image, data = read_nifti(path)
+    data = np.asarray(data, np.float32)
     if min(data.shape) < 1:
         raise ValueError(f"{path}: empty volume of shape {data.shape}")
     if not np.all(np.isfinite(data)):

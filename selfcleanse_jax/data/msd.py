@@ -148,8 +148,9 @@ def _image_file(directory: Path, case: str) -> Path:
     )
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Array as (H, W, Z), affine and voxel spacing of one NIfTI file."""
+def read_nifti(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """A NIfTI file and its data as (H, W, Z); a 2-D image gets Z = 1 and a single-channel
+    4-D one is squeezed. Unreadable files and other shapes are a ValueError naming the file."""
     try:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
@@ -160,7 +161,15 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+        raise ValueError(
+            f"{path}: expected a 3-D volume (or 4-D with one channel), got shape {data.shape}"
+        )
+    return image, data
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Array as (H, W, Z), affine and voxel spacing of one NIfTI file."""
+    image, data = read_nifti(path)
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     spacing = (zooms + (1.0, 1.0, 1.0))[:3]
     return data, np.asarray(image.affine, np.float64), spacing
