@@ -131,7 +131,3 @@ def conv_flops_per_image(config: UNetConfig, height: int, width: int) -> float:
         in_features = w
     flops += 2 * height * width * in_features * config.num_classes
     return flops
-
-
-def create_unet(config: UNetConfig, seed: int = 0) -> UNet:
-    return UNet(config, rngs=nnx.Rngs(seed))
