@@ -20,9 +20,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True
 
     c.data = ml_collections.ConfigDict()
-    c.data.root = ""  # an MSD-layout dataset; empty: the phantom, generated in memory
-    c.data.image_size = 128
+    c.data.root = ""  # a dataset folder; empty: the phantom, generated in memory
+    c.data.layout = ""  # msd | acdc | lits; empty: detected from the folder's contents
+    c.data.modality = ""  # mri | ct; empty: from dataset.json or the layout (ACDC mri, LiTS ct)
+    c.data.ct_window = (-200.0, 250.0)  # Hounsfield window for CT (a liver window)
+    c.data.canonical = True  # reorient volumes to RAS+ for training; outputs keep the input's
+    c.data.target_spacing = 0.0  # in-plane mm; 0: resize slices to image_size instead
+    c.data.image_size = 128  # slices are (image_size, image_size) after resizing or crop/pad
+    c.data.cache_dir = ""  # preprocessed slices; empty: $XDG_CACHE_HOME/selfcleanse_jax
+    c.data.lits_classes = "liver_tumour"  # liver_tumour | tumour
     c.data.test_fraction = 0.2  # held-out cases when the dataset has no labelled test split
+    c.data.folds = 0  # k > 1: k-fold split of the training cases, fold `data.fold` validates
+    c.data.fold = 0
     c.data.phantom_train_cases = 40
     c.data.phantom_test_cases = 10
     c.data.phantom_slices = 8
