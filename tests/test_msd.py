@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax.data.cases import Case
-from selfcleanse_jax.data.msd import affine_with_spacing, read_msd, write_msd
+from selfcleanse_jax.data.msd import affine_with_spacing, msd_info, read_msd, write_msd
 
 LABELS = {0: "background", 1: "left", 2: "right"}
 
@@ -74,7 +74,8 @@ def test_reads_nnunet_channel_suffix_without_listing(dataset):
     root, train, _ = dataset
     for path in (root / "imagesTr").iterdir():
         path.rename(path.with_name(path.name.replace(".nii.gz", "_0000.nii.gz")))
-    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}}))
+    labels = {str(k): v for k, v in LABELS.items()}
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
     cases, _ = read_msd(root, "train")
     assert [c.name for c in cases] == ["a_001", "b_002"]
     np.testing.assert_array_equal(cases[1].label, train[1].label)
@@ -105,7 +106,8 @@ def test_shape_mismatch_names_the_file(dataset):
 def test_non_integer_label_is_rejected(dataset):
     root, _, _ = dataset
     path = root / "labelsTr" / "a_001.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((6, 5, 3), 0.5, np.float32), np.eye(4)), path)
+    affine = nib.load(root / "imagesTr" / "a_001.nii.gz").affine
+    nib.save(nib.Nifti1Image(np.full((6, 5, 3), 0.5, np.float32), affine), path)
     with pytest.raises(ValueError, match="integers"):
         read_msd(root, "train")
 
@@ -122,3 +124,82 @@ def test_refuses_to_overwrite_unless_asked(dataset):
     write_msd(root, train[:1], [], LABELS, overwrite=True)
     cases, description = read_msd(root, "train")
     assert [c.name for c in cases] == ["a_001"] and description["numTest"] == 0
+
+
+def _to_v2(root, ending=".nii.gz"):
+    """Rewrite a written Decathlon dataset in the nnU-Net v2 dialect: `case_0000<ending>`
+    images, no file lists, name -> value labels and channel_names."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        for path in (root / sub).iterdir():
+            stem = path.name[: -len(".nii.gz")]
+            suffix = "_0000" if sub.startswith("images") else ""
+            image = nib.load(path)
+            nib.save(
+                nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header),
+                path.with_name(f"{stem}{suffix}{ending}"),
+            )
+            if ending != ".nii.gz" or suffix:
+                path.unlink()
+    description = {
+        "channel_names": {"0": "MRI"},
+        "labels": {v: k for k, v in LABELS.items()},
+        "numTraining": 2,
+        "file_ending": ending,
+    }
+    (root / "dataset.json").write_text(json.dumps(description))
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_reads_nnunet_v2_dialect(dataset, ending):
+    root, train, test = dataset
+    decathlon_names = msd_info(json.loads((root / "dataset.json").read_text()))
+    _to_v2(root, ending)
+    assert sorted(p.name for p in (root / "imagesTr").iterdir()) == [
+        f"a_001_0000{ending}",
+        f"b_002_0000{ending}",
+    ]
+    cases, description = read_msd(root, "train")
+    test_cases, _ = read_msd(root, "test")
+    assert [c.name for c in cases + test_cases] == ["a_001", "b_002", "c_003", "d_004"]
+    for original, read in zip(train + test, cases + test_cases, strict=True):
+        np.testing.assert_array_equal(read.image, original.image)
+        if original.label is None:
+            assert read.label is None
+        else:
+            np.testing.assert_array_equal(read.label, original.label)
+        np.testing.assert_allclose(read.spacing, original.spacing, rtol=1e-6)
+    assert msd_info(description) == decathlon_names == (["background", "left", "right"], "mri")
+
+
+@pytest.mark.parametrize(
+    ("channels", "expected"),
+    [
+        ({"modality": {"0": "CT"}}, "ct"),
+        ({"channel_names": {"0": "ct"}}, "ct"),
+        ({"modality": {"0": "MRI"}}, "mri"),
+        ({"channel_names": {"0": "T2"}}, "mri"),
+        ({}, "mri"),
+    ],
+)
+def test_modality_from_either_dialect(channels, expected):
+    names, modality = msd_info({"labels": {"background": 0, "liver": 1}, **channels})
+    assert names == ["background", "liver"] and modality == expected
+
+
+def test_region_based_labels_are_rejected(dataset):
+    root, _, _ = dataset
+    _to_v2(root)
+    description = json.loads((root / "dataset.json").read_text())
+    description["labels"]["whole"] = [1, 2]
+    (root / "dataset.json").write_text(json.dumps(description))
+    with pytest.raises(ValueError, match=r"dataset\.json: region-based label 'whole'"):
+        read_msd(root, "train")
+
+
+def test_second_channel_file_is_rejected(dataset):
+    root, _, _ = dataset
+    _to_v2(root)
+    first = root / "imagesTr" / "a_001_0000.nii.gz"
+    (root / "imagesTr" / "a_001_0001.nii.gz").write_bytes(first.read_bytes())
+    with pytest.raises(ValueError, match=r"a_001_0001\.nii\.gz: multi-channel"):
+        read_msd(root, "train")
