@@ -1,9 +1,10 @@
 """Segment NIfTI volumes with a trained run: `predict(workdir, input_path, output_dir)`.
 
-Every volume is prepared exactly as training prepared its cases (`normalize_volume`, then each
-slice along the last axis resized linearly to `config.data.image_size`); the predicted labels
-are resized back by nearest neighbour and saved as uint8 NIfTI with the input's affine and
-qform/sform, under the input's file name (a `_0000` channel suffix dropped).
+Every volume is prepared exactly as training prepared its cases (`prepare_volume` with the
+run's `PreprocessSettings`: reorientation, intensity normalisation, resizing or resampling and
+crop/pad); the predicted labels are mapped back onto the input's array by `restore_labels` and
+saved as uint8 NIfTI with the input's shape, affine and qform/sform, under the input's file name
+(a `_0000` channel suffix dropped).
 
 `load_trained(workdir)` (also used by `evaluate`) rebuilds the model from `WORKDIR/config.json`
 and the latest checkpoint.
@@ -25,12 +26,11 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 from flax import nnx
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.data.msd import read_nifti
-from selfcleanse_jax.data.slices import normalize_volume
+from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_volume, restore_labels
 from selfcleanse_jax.models.unet import UNetConfig
 from selfcleanse_jax.steps import Steps, TrainState, init_model
 
@@ -50,6 +50,11 @@ class TrainedModel:
     @property
     def num_classes(self) -> int:
         return self.model_config.num_classes
+
+    @functools.cached_property
+    def preprocess(self) -> PreprocessSettings:
+        """How training prepared its cases; a run that recorded no modality is MRI."""
+        return PreprocessSettings.from_config(self.config, "mri")
 
     @functools.cached_property
     def host_state(self) -> TrainState:
@@ -177,32 +182,32 @@ def read_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]
     return image, data
 
 
-def segment_volume(model: TrainedModel, volume: np.ndarray, flip_tta: bool = False) -> np.ndarray:
-    """Labels (H, W, Z) uint8 of a raw volume (H, W, Z), prepared as training prepared cases."""
-    size = model.config.data.image_size
-    batch_size = model.config.train.eval_batch_size
-    image = normalize_volume(volume)
-    h, w, depth = image.shape
-    if (h, w) != (size, size):
-        image = ndimage.zoom(image, (size / h, size / w, 1.0), order=1)
-    slices = np.moveaxis(image, -1, 0)[..., None]  # (Z, S, S, 1)
+def voxel_spacing(image: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """The voxel sizes of the header, as the data loader reads them (missing ones are 1 mm)."""
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return (zooms + (1.0, 1.0, 1.0))[:3]
+
+
+def segment_volume(
+    model: TrainedModel,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    spacing: tuple[float, float, float],
+    flip_tta: bool = False,
+) -> np.ndarray:
+    """Labels uint8 of a raw volume (H, W, Z) with its affine and voxel spacing, of the
+    volume's exact shape and orientation; the volume is prepared as training prepared cases."""
     if model.model_config.in_channels != 1:
         raise ValueError(f"the model expects {model.model_config.in_channels} input channels")
+    batch_size = model.config.train.eval_batch_size
+    slices, inverse = prepare_volume(volume, affine, spacing, model.preprocess)
     labels = np.concatenate(
         [
             np.argmax(model.probabilities(slices[i : i + batch_size], flip_tta), axis=-1)
-            for i in range(0, depth, batch_size)
+            for i in range(0, len(slices), batch_size)
         ]
     ).astype(np.uint8)
-    labels = np.moveaxis(labels, 0, -1)  # (S, S, Z)
-    if (h, w) != (size, size):
-        labels = ndimage.zoom(labels, (h / size, w / size, 1.0), order=0)
-        if labels.shape != (h, w, depth):  # guard against rounding in zoom's output shape
-            fixed = np.zeros((h, w, depth), np.uint8)
-            hh, ww = min(h, labels.shape[0]), min(w, labels.shape[1])
-            fixed[:hh, :ww] = labels[:hh, :ww]
-            labels = fixed
-    return labels
+    return restore_labels(np.moveaxis(labels, 0, -1), inverse)
 
 
 def save_labels(labels: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
@@ -255,7 +260,11 @@ def predict(
         list(zip(files, targets, strict=True)), desc="predict", unit="volume", disable=not progress
     ):
         image, volume = read_volume(source)
-        labels = segment_volume(model, volume, flip_tta).reshape(image.shape)
+        try:
+            labels = segment_volume(model, volume, image.affine, voxel_spacing(image), flip_tta)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+        labels = labels.reshape(image.shape)
         save_labels(labels, image, target)
         written.append(target)
     return written

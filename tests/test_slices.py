@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX, Case
+from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_case
 from selfcleanse_jax.data.slices import cases_to_slices, normalize_volume
 
 
@@ -53,3 +55,21 @@ def test_without_normalisation_keeps_intensities():
     table = cases_to_slices([case], image_size=16, normalize=False)
     np.testing.assert_array_equal(table.images[..., 0], np.moveaxis(case.image, -1, 0))
     np.testing.assert_array_equal(table.labels, np.moveaxis(case.label, -1, 0))
+
+
+def test_slices_of_cases_prepared_with_settings():
+    case = _case("a", (40, 20, 3), 0)
+    case.affine = np.diag([-1.0, -2.0, 5.0, 1.0])  # LPS: reoriented to RAS
+    settings = PreprocessSettings(32, "ct", (0.0, 400.0), canonical=True, target_spacing=1.5)
+    table = cases_to_slices([case], 32, settings=settings)
+    prepared = prepare_case(case, settings)
+    np.testing.assert_array_equal(table.images[..., 0], np.moveaxis(prepared.image, -1, 0))
+    np.testing.assert_array_equal(table.labels, np.moveaxis(prepared.label, -1, 0))
+    np.testing.assert_allclose(table.spacing[0], prepared.spacing)
+    np.testing.assert_allclose(table.spacing[0], (1.5, 1.5, 5.0), rtol=0.02)
+    assert table.images.min() >= 0.0 and table.images.max() <= 1.0
+    # Already prepared cases are cut as they are.
+    again = cases_to_slices([prepared], 32, normalize=False)
+    np.testing.assert_array_equal(again.images, table.images)
+    with pytest.raises(ValueError, match="image_size"):
+        cases_to_slices([case], 64, settings=settings)
