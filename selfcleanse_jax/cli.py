@@ -288,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD of a run's latest checkpoint")
     ev.add_argument("--workdir", required=True, help="workdir of a training run")
-    ev.add_argument("--split", default="test", choices=["test"], help="only test for now")
+    ev.add_argument(
+        "--split",
+        default="test",
+        choices=["val", "test"],
+        help="test cases, or the validation fold of a run trained with data.folds > 1",
+    )
     ev.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -1,6 +1,7 @@
-"""Evaluate a training run's latest checkpoint on its test cases, per case and per class.
+"""Evaluate a training run's latest checkpoint on its test (or validation) cases, per case and
+per class.
 
-`evaluate(workdir)` writes `WORKDIR/eval/metrics.json` (mean Dice and, per class, mean/std of
+`evaluate(workdir, split)` writes `WORKDIR/eval/metrics.json` (mean Dice and, per class, mean/std of
 Dice, IoU, HD95 and ASSD in mm plus the number of cases whose distances are undefined) and
 `WORKDIR/eval/per_case.csv`. Conventions are those of `metrics.case_metrics`: a class absent
 from prediction and reference scores Dice = IoU = 1 and has no distances; a class in only one
@@ -23,7 +24,7 @@ from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.predict import load_config, load_trained
 from selfcleanse_jax.train import evaluate_losses
 
-SPLITS = ("test",)
+SPLITS = ("val", "test")
 MEASURES = ("dice", "iou", "hd95", "assd")
 
 
@@ -47,13 +48,15 @@ def _summary(values: list[float | None]) -> dict[str, float | None]:
 
 
 def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) -> dict:
-    """Metrics of the latest checkpoint of the run in `workdir` on `split` ("test" only).
+    """Metrics of the latest checkpoint of the run in `workdir` on `split` ("val" or "test").
 
-    The data is rebuilt from the run's config (the phantom from its seed). Returns the content
-    of metrics.json; with `write`, also writes `WORKDIR/eval/metrics.json` and `per_case.csv`.
+    The data is rebuilt from the run's config (the phantom from its seed; a dataset on disk
+    from its preprocessing cache), so the cases are exactly those the run held out. "val" needs
+    a run trained with `data.folds` > 1. Returns the content of metrics.json; with `write`,
+    also writes `WORKDIR/eval/metrics.json` and `per_case.csv` (their `split` says which).
     """
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not available: only 'test' can be evaluated for now")
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     workdir = Path(workdir)
     load_config(workdir)  # a clear error before anything slow
     model = load_trained(workdir)
@@ -64,7 +67,12 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
             f"{workdir / 'config.json'}: the data has {dataset.num_classes} classes, "
             f"the checkpoint {model.num_classes}"
         )
-    table = dataset.test
+    table = dataset.test if split == "test" else dataset.val
+    if table is None:
+        raise ValueError(
+            f"{workdir / 'config.json'}: the run has no validation split "
+            "(train with --config.data.folds=K, K > 1)"
+        )
     predictions, _ = evaluate_losses(
         model.steps, model.state, table, table.labels, config.train.eval_batch_size
     )

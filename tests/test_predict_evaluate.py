@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax import train
+from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.data.phantom import write_phantom_dataset
 from selfcleanse_jax.evaluate import evaluate
-from selfcleanse_jax.predict import output_name, predict
+from selfcleanse_jax.predict import load_trained, output_name, predict
 from tiny import tiny_config
 
 
@@ -55,6 +57,21 @@ def test_predict_keeps_shape_affine_and_writes_labels(workdir, tmp_path):
     assert [p.name for p in single] == ["b.nii"]
 
 
+def test_predict_on_phantom_files_segments_as_training_prepared_them(workdir, tmp_path):
+    """The run's phantom test case, written as NIfTI, gets exactly the labels that the model
+    gives the training run's own test slices."""
+    root = write_phantom_dataset(
+        tmp_path / "phantom", num_train=2, num_test=1, seed=0, image_size=32, num_slices=4
+    )
+    [written] = predict(workdir, root / "imagesTs", tmp_path / "out", progress=False)
+    data = np.asanyarray(nib.load(written).dataobj)
+    assert data.shape == (32, 32, 4) and data.dtype == np.uint8
+    model = load_trained(workdir, parallel="none")
+    table = load_dataset(model.config).test
+    expected = np.argmax(model.probabilities(table.images), axis=-1)
+    np.testing.assert_array_equal(np.moveaxis(data, -1, 0), expected)
+
+
 def test_predict_rejects_a_file_that_is_not_nifti(workdir, tmp_path):
     bad = tmp_path / "x.nii.gz"
     bad.write_text("not an image")
@@ -92,5 +109,7 @@ def test_evaluate_errors_name_the_path(tmp_path, workdir):
     (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
     with pytest.raises(ValueError, match="checkpoints"):
         evaluate(tmp_path)
-    with pytest.raises(ValueError, match="only 'test'"):
+    with pytest.raises(ValueError, match="no validation split"):
         evaluate(workdir, split="val")
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate(workdir, split="train")

@@ -1,15 +1,29 @@
-"""From a config to the train and test slice tables: the phantom or an MSD-layout dataset."""
+"""From a config to the train, validation and test slice tables: the phantom or a dataset on disk.
+
+A dataset on disk (`data.root`, in the `data.layout` layout or the one detected) is read case
+by case, prepared by `preprocess.prepare_case` and cut into slices once; the slice tables are
+cached under `data.cache_dir`, keyed by the dataset's files and the preprocessing settings.
+Splits are always by case, never by slice.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from selfcleanse_jax.data import msd, phantom
-from selfcleanse_jax.data.cases import Case, SliceTable
+from selfcleanse_jax.data import phantom
+from selfcleanse_jax.data.cases import SliceTable
+from selfcleanse_jax.data.layouts import dataset_info, detect_layout, iter_layout, layout_files
+from selfcleanse_jax.data.preprocess import (
+    PreprocessSettings,
+    cache_key,
+    cached_slice_table,
+    default_cache_dir,
+)
 from selfcleanse_jax.data.slices import cases_to_slices
 
 
@@ -18,6 +32,8 @@ class Dataset:
     train: SliceTable
     test: SliceTable
     class_names: list[str]  # index 0 is the background
+    modality: str = "mri"  # how the intensities were normalised: mri | ct
+    val: SliceTable | None = None  # the validation fold, when `data.folds` > 1
 
     @property
     def num_classes(self) -> int:
@@ -28,47 +44,117 @@ class Dataset:
         return {name: float(v) for name, v in zip(self.class_names[1:], values, strict=True)}
 
 
-def split_cases(
-    cases: list[Case], test_fraction: float, seed: int
-) -> tuple[list[Case], list[Case]]:
-    """Hold out whole cases (never single slices) for testing."""
-    order = np.random.default_rng(seed).permutation(len(cases))
-    num_test = max(1, round(test_fraction * len(cases)))
-    if num_test >= len(cases):
-        raise ValueError(f"cannot hold out {num_test} of {len(cases)} cases for testing")
-    test = set(order[:num_test].tolist())
-    return (
-        [c for i, c in enumerate(cases) if i not in test],
-        [c for i, c in enumerate(cases) if i in test],
+def split_cases(num_cases: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held-out) case indices: a seeded `test_fraction` of the cases held out."""
+    order = np.random.default_rng(seed).permutation(num_cases)
+    num_test = max(1, round(test_fraction * num_cases))
+    if num_test >= num_cases:
+        raise ValueError(f"cannot hold out {num_test} of {num_cases} cases for testing")
+    return sorted(order[num_test:].tolist()), sorted(order[:num_test].tolist())
+
+
+def kfold_cases(num_cases: int, folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) case indices of fold `fold` of a seeded `folds`-fold split."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"data.fold must lie in 0..{folds - 1}, got {fold}")
+    if folds > num_cases:
+        raise ValueError(f"cannot split {num_cases} training cases into {folds} folds")
+    order = np.random.default_rng(seed).permutation(num_cases)
+    val = np.array_split(order, folds)[fold]
+    return sorted(set(range(num_cases)) - set(val.tolist())), sorted(val.tolist())
+
+
+def select_cases(table: SliceTable, cases: Sequence[int]) -> SliceTable:
+    """The slices of the given cases (indices into `table.case_names`), renumbered in order."""
+    cases = list(cases)
+    position = np.full(len(table.case_names), -1, np.int32)
+    position[cases] = np.arange(len(cases), dtype=np.int32)
+    rows = np.flatnonzero(position[table.case_index] >= 0)
+    return SliceTable(
+        images=table.images[rows],
+        labels=table.labels[rows],
+        case_index=position[table.case_index[rows]],
+        z=table.z[rows],
+        case_names=[table.case_names[c] for c in cases],
+        spacing=table.spacing[rows],
     )
+
+
+def _empty_table(size: int) -> SliceTable:
+    return SliceTable(
+        images=np.zeros((0, size, size, 1), np.float32),
+        labels=np.zeros((0, size, size), np.uint8),
+        case_index=np.zeros(0, np.int32),
+        z=np.zeros(0, np.int32),
+        case_names=[],
+        spacing=np.zeros((0, 3), np.float32),
+    )
+
+
+def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, list[str], str]:
+    data = config.data
+    settings = PreprocessSettings.from_config(config, "mri")
+
+    def cases(numbers):
+        return (
+            phantom.make_case(config.seed, n, data.image_size, data.phantom_slices) for n in numbers
+        )
+
+    train_cases = data.phantom_train_cases
+    test = range(train_cases, train_cases + data.phantom_test_cases)
+    return (
+        cases_to_slices(cases(range(train_cases)), data.image_size, settings=settings),
+        cases_to_slices(cases(test), data.image_size, settings=settings),
+        [phantom.LABELS[k] for k in sorted(phantom.LABELS)],
+        settings.modality,
+    )
+
+
+def _on_disk(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, list[str], str]:
+    """Train and labelled-test tables of `data.root` (the test table empty when it has none)."""
+    data = config.data
+    root = Path(data.root)
+    layout = data.layout or detect_layout(root)
+    info = dataset_info(root, layout, lits_classes=data.lits_classes)
+    settings = PreprocessSettings.from_config(config, info.modality)
+    cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    files = layout_files(root, layout)
+    identity = {"root": str(root.resolve()), "layout": layout}
+    if layout == "lits":
+        identity["lits_classes"] = data.lits_classes
+
+    def table(split: str) -> SliceTable:
+        def build() -> SliceTable:
+            cases = iter_layout(root, layout, split, lits_classes=data.lits_classes)
+            if split == "test":
+                cases = [c for c in cases if c.label is not None]
+                if not cases:
+                    return _empty_table(settings.image_size)
+            return cases_to_slices(cases, settings.image_size, settings=settings)
+
+        key = cache_key(files, settings, {**identity, "split": split})
+        return cached_slice_table(cache_dir, key, build)
+
+    return table("train"), table("test"), info.class_names, settings.modality
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """Slice tables for training and testing, as `config.data` describes."""
+    """Slice tables for training, validation (with `data.folds` > 1) and testing.
+
+    Without a labelled test split, `data.test_fraction` of the training cases are held out
+    for testing; with `data.folds` = k > 1, fold `data.fold` of the remaining training cases
+    validates. Both splits are seeded by `config.seed`.
+    """
     data = config.data
-    size = data.image_size
-    if not data.root:
-        train_cases = [
-            phantom.make_case(config.seed, n, size, data.phantom_slices)
-            for n in range(data.phantom_train_cases)
-        ]
-        test_cases = [
-            phantom.make_case(config.seed, n, size, data.phantom_slices)
-            for n in range(
-                data.phantom_train_cases, data.phantom_train_cases + data.phantom_test_cases
-            )
-        ]
-        names = [phantom.LABELS[k] for k in sorted(phantom.LABELS)]
+    if data.root:
+        train, test, class_names, modality = _on_disk(config)
     else:
-        root = Path(data.root)
-        train_cases, info = msd.read_msd(root, "train")
-        test_cases = msd.read_msd(root, "test")[0] if (root / "imagesTs").is_dir() else []
-        test_cases = [c for c in test_cases if c.label is not None]
-        if not test_cases:
-            train_cases, test_cases = split_cases(train_cases, data.test_fraction, config.seed)
-        names = [info["labels"][k] for k in sorted(info["labels"], key=int)]
-    return Dataset(
-        train=cases_to_slices(train_cases, size),
-        test=cases_to_slices(test_cases, size),
-        class_names=names,
-    )
+        train, test, class_names, modality = _phantom(config)
+    if not len(test):
+        kept, held = split_cases(len(train.case_names), data.test_fraction, config.seed)
+        train, test = select_cases(train, kept), select_cases(train, held)
+    val = None
+    if data.folds > 1:
+        fit, held = kfold_cases(len(train.case_names), data.folds, data.fold, config.seed)
+        train, val = select_cases(train, fit), select_cases(train, held)
+    return Dataset(train=train, test=test, class_names=class_names, modality=modality, val=val)
