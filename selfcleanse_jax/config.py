@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint = True  # save to WORKDIR/checkpoints and resume from there
     c.train.checkpoint_every = 5  # epochs; the last epoch is always saved
     c.train.record_dynamics = True  # per-slice losses, w and flags: WORKDIR/dynamics/*.npz
+    c.train.data_workers = 0  # grain read threads for the training batches; 0: in the loop
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True

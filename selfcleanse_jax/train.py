@@ -25,6 +25,7 @@ from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.config import METHODS, warmup_epochs
+from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
 from selfcleanse_jax.models.unet import UNetConfig
@@ -87,13 +88,6 @@ class TargetBank:
         if self.soft is not None:
             batch["soft_target"] = self.soft[idx]
         return batch
-
-
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
-    """Index batches of one epoch: shuffled by (seed, epoch), this process's share, full only."""
-    dataset = grain.MapDataset.range(num_samples).shuffle(seed=seed * 100_003 + epoch)
-    dataset = dataset[jax.process_index() :: jax.process_count()]
-    return dataset.batch(batch_size, drop_remainder=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +207,8 @@ class Trainer:
             supervision, self.num_classes, config.cleanse.soft_targets
         )
         self.loss_history: list[np.ndarray] = []
+        # Where the input pipeline stands: {"epoch", "step", "iterator" (grain state)}.
+        self.data_state: dict | None = None
 
         batch_size = config.train.batch_size
         self.steps_per_epoch = len(train) // jax.process_count() // batch_size
@@ -301,18 +297,47 @@ class Trainer:
         return record
 
     # -- the loop --------------------------------------------------------------------------
+    def epoch_dataset(self, epoch: int) -> grain.MapDataset:
+        """This process's training batches of `epoch`, read from the bank as it is now."""
+        bank = self.bank
+        arrays = {
+            "image": self.dataset.train.images,
+            "target": bank.targets,
+            "weight": bank.weights,
+        }
+        if bank.soft is not None:
+            arrays["soft_target"] = bank.soft
+        return pipeline.epoch_dataset(
+            pipeline.ArraySource(arrays), self.config.train.batch_size, self.config.seed, epoch
+        )
+
     def train_epoch(self, epoch: int) -> np.ndarray:
-        """One pass over the training slices; each slice's training loss (NaN if not seen)."""
-        train = self.dataset.train
+        """One pass over the training slices; each slice's training loss (NaN if not seen).
+
+        Continues from `data_state` when it stands inside this epoch (a mid-epoch resume); a
+        finished epoch's state starts the epoch afresh.
+        """
+        saved = self.data_state
+        inside = saved and saved["epoch"] == epoch and saved["step"] < self.steps_per_epoch
+        resumed = saved if inside else None
+        step = resumed["step"] if resumed else 0
+        batches = pipeline.epoch_iterator(
+            self.epoch_dataset(epoch),
+            self.config.train.data_workers,
+            resumed["iterator"] if resumed else None,
+        )
         key = jax.random.key(self.config.seed)
         seen, losses = [], []
-        for idx in epoch_batches(len(train), self.config.train.batch_size, self.config.seed, epoch):
-            step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + len(losses))
-            self.state, loss = self.steps.train(self.state, self.bank.batch(train, idx), step_key)
-            seen.append(idx)
+        for batch in batches:
+            step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + step)
+            self.state, loss = self.steps.train(self.state, batch, step_key)
+            step += 1
+            self.data_state = {"epoch": epoch, "step": step, "iterator": batches.get_state()}
+            seen.append(batch["idx"])
             losses.append(loss)
-        per_sample = np.full(len(train), np.nan, np.float32)
-        per_sample[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
+        per_sample = np.full(len(self.dataset.train), np.nan, np.float32)
+        if seen:
+            per_sample[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
         return per_sample
 
     def record_dynamics(self, epoch: int, train_loss: np.ndarray, cleansed: bool) -> None:
@@ -366,6 +391,7 @@ class Trainer:
             self.steps.get_state(self.state),
             self._bank_arrays(),
             {"epoch": epoch, "method": self.config.method},
+            self.data_state,
         )
 
     def resume(self, checkpointer: Checkpointer) -> int:
@@ -373,7 +399,7 @@ class Trainer:
         epoch = checkpointer.latest_epoch()
         if epoch is None:
             return 0
-        state, bank, _ = checkpointer.restore(
+        state, bank, _, self.data_state = checkpointer.restore(
             epoch, self.steps.get_state(self.state), self._bank_arrays()
         )
         self.state = self.steps.put_state(state)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax import train
+from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.data.loading import load_dataset
 from tiny import TINY, tiny_config
 
@@ -130,8 +131,14 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     )
     first = train.Trainer(config, tmp_path, tiny_dataset)
     first.run()
+    steps = first.steps_per_epoch
+    assert first.data_state == {"epoch": 1, "step": steps, "iterator": {"next_index": steps}}
     config.train.epochs = 3
     second = train.Trainer(config, tmp_path, tiny_dataset)
+    checkpointer = Checkpointer(tmp_path)
+    assert second.resume(checkpointer) == 2
+    checkpointer.close()
+    assert second.data_state == first.data_state
     second.run()
     epochs = [
         json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -223,3 +230,41 @@ def test_soft_targets_train_and_stay_distributions(tmp_path, tiny_dataset):
     np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-2)
     unflagged = ~trainer.bank.flagged
     np.testing.assert_array_equal(soft[unflagged].argmax(-1), trainer.bank.given[unflagged])
+
+
+def test_train_epoch_continues_a_saved_iterator_state_mid_epoch(tmp_path, tiny_dataset):
+    config = tiny_config(**{"train.checkpoint": False})
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    assert trainer.steps_per_epoch == 2
+    batches = list(trainer.epoch_dataset(1))
+    trainer.data_state = {"epoch": 1, "step": 1, "iterator": {"next_index": 1}}
+    losses = trainer.train_epoch(1)
+    assert np.flatnonzero(np.isfinite(losses)).tolist() == sorted(batches[1]["idx"].tolist())
+    assert int(trainer.steps.get_state(trainer.state).step) == 1
+    assert trainer.data_state == {"epoch": 1, "step": 2, "iterator": {"next_index": 2}}
+    assert np.isfinite(trainer.train_epoch(1)).all()
+
+
+def test_epoch_batches_read_the_bank_as_updated_between_epochs(tmp_path, tiny_dataset):
+    config = tiny_config(**{"train.checkpoint": False, "cleanse.soft_targets": True})
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    first = list(trainer.epoch_dataset(0))
+    for batch in first:
+        np.testing.assert_array_equal(batch["target"], trainer.bank.given[batch["idx"]])
+        np.testing.assert_array_equal(batch["image"], tiny_dataset.train.images[batch["idx"]])
+    trainer.bank.targets[...] = 1
+    trainer.bank.weights[...] = 0.25
+    trainer.bank.soft[...] = 0.5
+    for batch in trainer.epoch_dataset(1):
+        assert (batch["target"] == 1).all() and (batch["weight"] == 0.25).all()
+        assert (batch["soft_target"] == 0.5).all()
+
+
+def test_read_threads_train_exactly_like_the_in_process_pipeline(tmp_path, tiny_dataset):
+    losses = []
+    for workers in (0, 2):
+        config = tiny_config(**{"train.checkpoint": False, "train.data_workers": workers})
+        trainer = train.Trainer(config, tmp_path / str(workers), tiny_dataset)
+        losses.append(trainer.train_epoch(0))
+    assert np.isfinite(losses[0]).all()
+    np.testing.assert_array_equal(losses[0], losses[1])

@@ -1,0 +1,91 @@
+"""The training input pipeline on grain: samples keyed by idx -> shuffle -> shard -> batch.
+
+The source attaches each sample's stable `idx` before anything reorders it, so the idx
+travels with the image and target through shuffling, sharding and batching. One dataset is
+built per epoch, shuffled by (seed, epoch): a resumed run sees the same order, and the
+source reads whatever its arrays hold when a batch is read, so the target bank's updates
+between epochs (made in place) reach the next epoch's batches.
+
+Workers are grain read threads (`ReadOptions.num_threads`), not processes: the samples are
+in-memory arrays, threads share them (no pickled copies of images and bank per epoch, no
+absl flags or `__main__` re-import), and the per-sample work is a copy, not Python compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+
+class ArraySource:
+    """Random-access samples: sample i is row i of every array, plus `idx` = i.
+
+    The arrays are read, not copied, so in-place updates are seen by later reads.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        lengths = {name: len(array) for name, array in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must have the same length, got {lengths}")
+        if "idx" in arrays:
+            raise ValueError("'idx' is attached by the source; do not pass it as an array")
+        self.arrays = dict(arrays)
+        self._length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        sample = {name: array[idx] for name, array in self.arrays.items()}
+        sample["idx"] = np.int32(idx)
+        return sample
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a function of (seed, epoch) only."""
+    return seed * 100_003 + epoch
+
+
+def epoch_dataset(
+    source: ArraySource,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """This process's full batches of one epoch, shuffled by (seed, epoch).
+
+    Global batch k is rows [k*B*P, (k+1)*B*P) of the shuffled samples (B = `batch_size`, the
+    per-process batch; P processes); process p takes rows p, p+P, ... of it. Samples that do
+    not fill a global batch are dropped, so every process runs the same number of steps.
+    Process index and count default to jax's.
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    shuffled = grain.MapDataset.source(source).shuffle(seed=shuffle_seed(seed, epoch))
+    usable = len(source) // (batch_size * process_count) * batch_size * process_count
+    mine = shuffled[:usable][process_index::process_count]
+    return mine.batch(batch_size, drop_remainder=True)
+
+
+def epoch_iterator(
+    dataset: grain.MapDataset, workers: int = 0, state: dict[str, Any] | None = None
+) -> grain.DatasetIterator:
+    """An iterator over `dataset`'s batches, read by `workers` threads (0: in the caller).
+
+    `state` (from `iterator.get_state()`) continues where that iterator stood.
+    """
+    read = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+    iterator = iter(dataset.to_iter_dataset(read))
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
