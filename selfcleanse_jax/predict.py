@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -246,25 +247,36 @@ def predict(
     Each output is `output_dir/<input name>` (`_0000` dropped), uint8, of the input's exact
     shape and affine. With `flip_tta` the softmax of each slice is averaged with that of its
     horizontal mirror. Raises ValueError naming the file for unreadable or non-3-D inputs.
+    Masks are written to a hidden sibling folder and moved into `output_dir` only once every
+    volume has been segmented, so an error leaves `output_dir` as it was.
     """
     files = input_files(input_path)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     targets = [output_dir / output_name(f) for f in files]
     for source, target in zip(files, targets, strict=True):
         if target.resolve() == source.resolve():
             raise ValueError(f"{target}: output would overwrite the input; choose another --output")
+    if len(set(targets)) < len(targets):
+        raise ValueError(f"{input_path}: several inputs would give the same output name")
     model = load_trained(workdir, parallel="none")
-    written = []
-    for source, target in tqdm(
-        list(zip(files, targets, strict=True)), desc="predict", unit="volume", disable=not progress
-    ):
-        image, volume = read_volume(source)
-        try:
-            labels = segment_volume(model, volume, image.affine, voxel_spacing(image), flip_tta)
-        except ValueError as error:
-            raise ValueError(f"{source}: {error}") from error
-        labels = labels.reshape(image.shape)
-        save_labels(labels, image, target)
-        written.append(target)
-    return written
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        for source, target in tqdm(
+            list(zip(files, targets, strict=True)),
+            desc="predict",
+            unit="volume",
+            disable=not progress,
+        ):
+            image, volume = read_volume(source)
+            try:
+                labels = segment_volume(model, volume, image.affine, voxel_spacing(image), flip_tta)
+            except ValueError as error:
+                raise ValueError(f"{source}: {error}") from error
+            save_labels(labels.reshape(image.shape), image, staging / target.name)
+        output_dir.mkdir(exist_ok=True)
+        for target in targets:
+            os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets

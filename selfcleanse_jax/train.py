@@ -188,7 +188,6 @@ class Trainer:
             raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
         self.config = config
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.dataset = load_dataset(config) if dataset is None else dataset
         self.num_classes = self.dataset.num_classes
         train = self.dataset.train
@@ -432,8 +431,13 @@ class Trainer:
     def run(self) -> dict:
         """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
         config = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.noise.save(self.workdir / "noise_card.json")
-        (self.workdir / "config.json").write_text(config.to_json(indent=1) + "\n")
+        # The modality the data was normalised as, so that predict prepares volumes the same way.
+        saved = config.copy_and_resolve_references()
+        with saved.unlocked():
+            saved.data.modality = self.dataset.modality
+        (self.workdir / "config.json").write_text(saved.to_json(indent=1) + "\n")
         metrics_path = self.workdir / "metrics.jsonl"
         checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
         start = time.perf_counter()
