@@ -18,7 +18,7 @@ EPILOG = """commands:
   noise    corrupted copy of an MSD dataset: --input D --output D2 --kind K --rate R [--param K=V]
   gallery  PNG of the label-noise models on the phantom: --output PNG
   predict  segment volumes: --workdir RUN --input FILE_OR_DIR --output DIR [--tta]
-  evaluate Dice, IoU, HD95, ASSD on the test cases: --workdir RUN -> RUN/eval/metrics.json
+  evaluate Dice, IoU, HD95, ASSD: --workdir RUN [--split val|test] -> RUN/eval/metrics.json
 """
 
 
