@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0
     c.cleanse.flip_average = False  # average the model's softmax with a mirrored pass
+    c.cleanse.teacher_decay = 0.0  # > 0: LFM losses and LCM softmax from an EMA of the weights
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
     c.cleanse.ramp_epochs = 3
     return c

@@ -42,6 +42,7 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: Any
+    teacher: nnx.State | None = None  # EMA of params, when `StepConfig.teacher_decay` > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class StepConfig:
     temperature: float | None = None
     morph_radius: int = 0
     flip_average: bool = False
+    teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
 
 
 def init_model(
@@ -121,23 +123,40 @@ def train_step(
     grads = _psum(grads, axis_name)
     batch_stats = _pmean(batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    teacher = state.teacher
+    if teacher is not None:
+        teacher = optax.incremental_update(params, teacher, 1.0 - config.teacher_decay)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
+        teacher=teacher,
     )
     return new_state, losses
 
 
+def _model(state: TrainState, graphdef: nnx.GraphDef, teacher: bool) -> nnx.Module:
+    """The model of `state`, or its EMA teacher when asked for and kept."""
+    params = state.teacher if teacher and state.teacher is not None else state.params
+    return nnx.merge(graphdef, params, state.batch_stats)
+
+
 def eval_step(
-    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    config: StepConfig,
+    teacher: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses.
 
     The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label).
+    With `teacher`, the EMA teacher's forward pass (the model's own when there is none).
     """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model = _model(state, graphdef, teacher)
     logits = model(batch["image"])
     targets, mask = label_targets(batch["target"], config.num_classes)
     losses = per_sample_loss(logits, targets, mask, dice_weight=config.dice_weight)
@@ -149,9 +168,10 @@ def cleanse_step(
 ) -> tuple[jax.Array, jax.Array | None]:
     """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
 
-    batch: image, target (the given label) and clean_prob (B,) from the LFM.
+    batch: image, target (the given label) and clean_prob (B,) from the LFM. The probabilities
+    come from the EMA teacher when there is one.
     """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model = _model(state, graphdef, teacher=True)
     probs = jax.nn.softmax(model(batch["image"]), axis=-1)
     if config.flip_average:
         mirrored = jax.nn.softmax(model(batch["image"][:, :, ::-1]), axis=-1)[:, :, ::-1]
@@ -202,6 +222,7 @@ class Steps:
     ):
         self.model_config = model_config
         self.tx = tx
+        self.config = config
         train_graphdef, eval_graphdef, _, _ = init_model(model_config, 0)
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mode = resolve_parallel(parallel, len(self.devices))
@@ -209,13 +230,17 @@ class Steps:
             self.devices = self.devices[:1]
         self.num_devices = len(self.devices)
         train = functools.partial(train_step, graphdef=train_graphdef, tx=tx, config=config)
-        evaluate = functools.partial(eval_step, graphdef=eval_graphdef, config=config)
-        cleanse = functools.partial(cleanse_step, graphdef=eval_graphdef, config=config)
+        forward = {
+            "eval": functools.partial(eval_step, graphdef=eval_graphdef, config=config),
+            "eval_teacher": functools.partial(
+                eval_step, graphdef=eval_graphdef, config=config, teacher=True
+            ),
+            "cleanse": functools.partial(cleanse_step, graphdef=eval_graphdef, config=config),
+        }
 
         if self.mode == "none":
             self._train = jax.jit(train, donate_argnums=0)
-            self._eval = jax.jit(evaluate)
-            self._cleanse = jax.jit(cleanse)
+            self._forward = {name: jax.jit(fn) for name, fn in forward.items()}
         elif self.mode == "pmap":
             self._device_axis = NamedSharding(_data_mesh(self.devices), P(AXIS))
             self._train = jax.pmap(
@@ -225,8 +250,10 @@ class Steps:
                 donate_argnums=0,
                 devices=self.devices,
             )
-            self._eval = jax.pmap(evaluate, axis_name=AXIS, devices=self.devices)
-            self._cleanse = jax.pmap(cleanse, axis_name=AXIS, devices=self.devices)
+            self._forward = {
+                name: jax.pmap(fn, axis_name=AXIS, devices=self.devices)
+                for name, fn in forward.items()
+            }
         elif self.mode == "shard_map":
             self.mesh = _data_mesh(self.devices)
             self._train = jax.jit(
@@ -242,12 +269,12 @@ class Steps:
                 ),
                 donate_argnums=0,
             )
-            self._eval = jax.jit(
-                jax.shard_map(evaluate, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-            )
-            self._cleanse = jax.jit(
-                jax.shard_map(cleanse, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-            )
+            self._forward = {
+                name: jax.jit(
+                    jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+                )
+                for name, fn in forward.items()
+            }
 
     def init_state(self, seed: int) -> TrainState:
         """A new model and optimiser state, placed for this mode."""
@@ -258,6 +285,7 @@ class Steps:
                 params=params,
                 batch_stats=batch_stats,
                 opt_state=self.tx.init(params),
+                teacher=jax.tree.map(jnp.copy, params) if self.config.teacher_decay > 0 else None,
             )
         )
 
@@ -308,15 +336,17 @@ class Steps:
         return state, self._flat(losses)
 
     def evaluate(
-        self, state: TrainState, batch: dict[str, np.ndarray]
+        self, state: TrainState, batch: dict[str, np.ndarray], teacher: bool = False
     ) -> tuple[jax.Array, jax.Array]:
+        """Predicted labels and per-sample losses; with `teacher`, those of the EMA teacher."""
         batch, size = self.pad_batch(batch)
-        predictions, losses = self._eval(state, self.put_batch(batch))
+        run = self._forward["eval_teacher" if teacher else "eval"]
+        predictions, losses = run(state, self.put_batch(batch))
         return self._flat(predictions)[:size], self._flat(losses)[:size]
 
     def cleanse(
         self, state: TrainState, batch: dict[str, np.ndarray]
     ) -> tuple[jax.Array, jax.Array | None]:
         batch, size = self.pad_batch(batch)
-        hard, soft = self._cleanse(state, self.put_batch(batch))
+        hard, soft = self._forward["cleanse"](state, self.put_batch(batch))
         return self._flat(hard)[:size], None if soft is None else self._flat(soft)[:size]

@@ -131,6 +131,7 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         temperature=c.temperature if c.soft_targets else None,
         morph_radius=c.morph_radius,
         flip_average=c.flip_average,
+        teacher_decay=c.get("teacher_decay", 0.0),  # absent from older runs' config.json
     )
 
 
@@ -155,12 +156,19 @@ def _in_batches(n: int, size: int):
 
 
 def evaluate_losses(
-    steps: Steps, state: TrainState, table: SliceTable, labels: np.ndarray, batch_size: int
+    steps: Steps,
+    state: TrainState,
+    table: SliceTable,
+    labels: np.ndarray,
+    batch_size: int,
+    teacher: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted labels and per-sample losses against `labels` for every slice, no augmentation."""
+    """Predicted labels and per-sample losses against `labels` for every slice, no augmentation
+    (with `teacher`: the EMA teacher's, when the run keeps one)."""
     predictions, losses = [], []
     for idx in _in_batches(len(table), batch_size):
-        pred, loss = steps.evaluate(state, {"image": table.images[idx], "target": labels[idx]})
+        batch = {"image": table.images[idx], "target": labels[idx]}
+        pred, loss = steps.evaluate(state, batch, teacher)
         predictions.append(pred)
         losses.append(loss)
     return np.concatenate(jax.device_get(predictions)), np.concatenate(jax.device_get(losses))
@@ -241,7 +249,12 @@ class Trainer:
         c = self.config.cleanse
         train = self.dataset.train
         _, losses = evaluate_losses(
-            self.steps, self.state, train, self.bank.given, self.config.train.eval_batch_size
+            self.steps,
+            self.state,
+            train,
+            self.bank.given,
+            self.config.train.eval_batch_size,
+            teacher=True,
         )
         self.loss_history = (self.loss_history + [losses])[-c.loss_window :]
         result = split_clean_noisy(

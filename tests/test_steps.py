@@ -122,3 +122,45 @@ def test_bfloat16_compute_keeps_float32_parameters(dtype):
     state, losses = _one_step("none", model)
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
     assert np.all(np.isfinite(losses))
+
+
+def test_ema_teacher_follows_the_parameters_in_every_mode():
+    config = dataclasses.replace(CONFIG, teacher_decay=0.75)
+    steps = Steps(MODEL, optax.sgd(0.1), config, parallel="none")
+    initial = steps.get_state(steps.init_state(seed=0))
+    reference, _ = _one_step("none", config=config)
+    for before, after, teacher in zip(
+        jax.tree.leaves(initial.params),
+        jax.tree.leaves(reference.params),
+        jax.tree.leaves(reference.teacher),
+        strict=True,
+    ):
+        np.testing.assert_allclose(teacher, 0.75 * before + 0.25 * after, rtol=1e-5, atol=1e-7)
+    for mode in ("pmap", "shard_map"):
+        state, _ = _one_step(mode, config=config)
+        teachers = zip(
+            jax.tree.leaves(state.teacher), jax.tree.leaves(reference.teacher), strict=True
+        )
+        for a, b in teachers:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=mode)
+
+
+def test_teacher_evaluation_uses_the_teacher_and_falls_back_to_the_model():
+    batch = _batch(size=4)
+    inputs = {"image": batch["image"], "target": batch["target"]}
+    plain = Steps(MODEL, optax.sgd(0.5), CONFIG, parallel="none")
+    state, _ = plain.train(plain.init_state(0), _batch(size=4), jax.random.key(1))
+    assert state.teacher is None
+    np.testing.assert_array_equal(
+        plain.evaluate(state, inputs, teacher=True)[1], plain.evaluate(state, inputs)[1]
+    )
+    config = dataclasses.replace(CONFIG, teacher_decay=0.9)
+    ema = Steps(MODEL, optax.sgd(0.5), config, parallel="none")
+    fresh = ema.init_state(0)
+    state, _ = ema.train(ema.init_state(0), _batch(size=4), jax.random.key(1))
+    student = np.asarray(ema.evaluate(state, inputs)[1])
+    teacher = np.asarray(ema.evaluate(state, inputs, teacher=True)[1])
+    assert not np.allclose(student, teacher)
+    # After one step the teacher is 0.9 * initial + 0.1 * trained: nearer the initial model.
+    initial = np.asarray(ema.evaluate(fresh, inputs)[1])
+    assert np.abs(teacher - initial).sum() < np.abs(student - initial).sum()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -268,3 +269,37 @@ def test_read_threads_train_exactly_like_the_in_process_pipeline(tmp_path, tiny_
         losses.append(trainer.train_epoch(0))
     assert np.isfinite(losses[0]).all()
     np.testing.assert_array_equal(losses[0], losses[1])
+
+
+def test_ema_teacher_drives_the_lfm_and_survives_a_checkpoint(tmp_path, tiny_dataset):
+    config = tiny_config(
+        **{
+            "method": "selfcleanse",
+            "train.epochs": 2,
+            "cleanse.warmup_epochs": 1,
+            "cleanse.teacher_decay": 0.5,
+            "train.checkpoint_every": 1,
+        }
+    )
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    trainer.run()
+    # Epoch 1's LFM losses are the teacher's after epoch 0 (checkpointed), not the model's.
+    checkpointer = Checkpointer(tmp_path)
+    template = trainer.steps.get_state(trainer.state)
+    after_epoch_0 = trainer.steps.put_state(checkpointer.restore_state(0, template))
+    lfm = np.load(tmp_path / "dynamics" / "epoch_0001.npz")["lfm_loss"]
+    table, given, size = tiny_dataset.train, trainer.bank.given, config.train.eval_batch_size
+    steps = trainer.steps
+    _, teacher = train.evaluate_losses(steps, after_epoch_0, table, given, size, teacher=True)
+    _, student = train.evaluate_losses(steps, after_epoch_0, table, given, size)
+    np.testing.assert_allclose(lfm, teacher, rtol=1e-5)
+    assert not np.allclose(lfm, student, rtol=1e-3)
+
+    resumed = train.Trainer(config, tmp_path, tiny_dataset)
+    resumed.resume(checkpointer)
+    checkpointer.close()
+    restored = resumed.steps.get_state(resumed.state)
+    for a, b in zip(
+        jax.tree.leaves(restored.teacher), jax.tree.leaves(template.teacher), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
