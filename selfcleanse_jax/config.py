@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.modality = ""  # mri | ct; empty: from dataset.json or the layout (ACDC mri, LiTS ct)
     c.data.ct_window = (-200.0, 250.0)  # Hounsfield window for CT (a liver window)
     c.data.canonical = True  # reorient volumes to RAS+ for training; outputs keep the input's
+    c.data.slice_axis = "auto"  # with canonical: R | A | S, or auto (thick-slice axis, else S)
     c.data.target_spacing = 0.0  # in-plane mm; 0: resize slices to image_size instead
     c.data.image_size = 128  # slices are (image_size, image_size) after resizing or crop/pad
     c.data.cache_dir = ""  # preprocessed slices; empty: $XDG_CACHE_HOME/selfcleanse_jax

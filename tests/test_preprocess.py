@@ -21,6 +21,7 @@ from selfcleanse_jax.data.preprocess import (
     prepare_volume,
     restore_labels,
     save_slice_table,
+    slice_codes,
     to_canonical,
 )
 
@@ -297,3 +298,31 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "selfcleanse_jax"
+
+
+# Short-axis-like stack: array axes 0, 1 in-plane (1.4 mm), axis 2 the 8 mm slices, pointing
+# to world A (the first two to R and S).
+THICK_A = _affine(np.array([[1.4, 0.0, 0.0], [0.0, 0.0, 8.0], [0.0, -1.4, 0.0]]))
+
+
+def test_slice_codes_put_the_slicing_axis_last():
+    assert slice_codes(RAS, _spacing(RAS)) == "RAS"
+    assert slice_codes(RAS, _spacing(RAS), "R") == "ASR"
+    assert slice_codes(THICK_A, _spacing(THICK_A), "auto") == "RSA"
+    assert slice_codes(THICK_A, _spacing(THICK_A), "S") == "RAS"
+    isotropic = _affine(np.diag([1.0, 1.0, 1.5]))
+    assert slice_codes(isotropic, _spacing(isotropic), "auto") == "RAS"  # not 2x coarser: S
+
+
+def test_auto_slices_a_thick_slice_stack_along_its_own_axis_and_restores_it():
+    label = np.random.default_rng(4).integers(0, 3, size=(12, 10, 4), dtype=np.uint8)
+    image = label.astype(np.float32)
+    settings = _settings(image_size=24, slice_axis="auto")
+    prepared = prepare_case(Case("c", image, label, _spacing(THICK_A), THICK_A), settings)
+    assert prepared.image.shape == (24, 24, 4)  # one 2-D slice per acquired slice
+    assert prepared.spacing[2] == pytest.approx(8.0)
+    slices, inverse = prepare_volume(image, THICK_A, _spacing(THICK_A), settings)
+    assert slices.shape == (4, 24, 24, 1)
+    np.testing.assert_array_equal(restore_labels(prepared.label, inverse), label)
+    axial = prepare_case(Case("c", image, label, _spacing(THICK_A), THICK_A), _settings())
+    assert axial.image.shape[-1] == 10  # along S the stack would be cut across its slices

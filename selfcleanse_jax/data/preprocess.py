@@ -1,7 +1,8 @@
 """Preprocessing of volumes for training and prediction, its exact inverse, and its disk cache.
 
 One geometry serves both: a volume is (optionally) reoriented to the closest canonical RAS+
-orientation, so that its slice axis is the last (S) axis; its intensities are normalised by
+orientation, with the axis it is sliced along last (S, or with `slice_axis="auto"` the axis of
+a stack of thick slices, whichever world axis it points to); its intensities are normalised by
 modality; each slice is then either resized to (image_size, image_size), or resampled in-plane
 to `target_spacing` mm and centre-cropped or padded to (image_size, image_size). Training cuts
 prepared cases into slices (`prepare_case`); prediction prepares a volume the same way
@@ -35,6 +36,10 @@ from selfcleanse_jax.data.cases import Case, SliceTable
 log = logging.getLogger(__name__)
 
 MODALITIES = ("mri", "ct")
+SLICE_AXES = ("auto", "R", "A", "S")
+ANISOTROPY = 2.0
+"""`slice_axis="auto"` slices along the coarsest axis when its spacing is at least this many
+times the others' (a stack of thick slices, e.g. cardiac short-axis MRI), else along S."""
 FORMAT_VERSION = 1
 """Version of the preprocessing and of the cache files; part of every cache key."""
 
@@ -55,6 +60,7 @@ class PreprocessSettings:
     ct_window: tuple[float, float] = (-200.0, 250.0)
     canonical: bool = False
     target_spacing: float = 0.0
+    slice_axis: str = "S"
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 1:
@@ -67,6 +73,8 @@ class PreprocessSettings:
             raise ValueError(f"ct_window must have low < high, got {self.ct_window}")
         if not np.isfinite(self.target_spacing) or self.target_spacing < 0:
             raise ValueError(f"target_spacing must be >= 0 mm, got {self.target_spacing}")
+        if self.slice_axis not in SLICE_AXES:
+            raise ValueError(f"slice_axis must be one of {SLICE_AXES}, got {self.slice_axis!r}")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, modality: str) -> PreprocessSettings:
@@ -84,6 +92,7 @@ class PreprocessSettings:
             ct_window=(float(window[0]), float(window[1])),
             canonical=bool(data.get("canonical", False)),
             target_spacing=float(data.get("target_spacing", 0.0)),
+            slice_axis=str(data.get("slice_axis", "S")),
         )
 
 
@@ -122,24 +131,45 @@ def normalize_intensity(image: np.ndarray, settings: PreprocessSettings) -> np.n
     return normalize_volume(image)
 
 
+def _orientation(affine: np.ndarray) -> np.ndarray:
+    ornt = orientations.io_orientation(np.asarray(affine, np.float64))
+    if np.isnan(ornt).any():
+        raise ValueError(f"affine has no orientation for some axis: {np.asarray(affine).tolist()}")
+    return ornt
+
+
+def slice_codes(affine: np.ndarray, spacing: Sequence[float], slice_axis: str = "S") -> str:
+    """The canonical axis codes to reorient to, with the slicing axis last: "RAS" for axial
+    slices, "ASR" for sagittal, "RSA" for coronal. `slice_axis="auto"` picks the world axis
+    of the volume's coarsest spacing when it is `ANISOTROPY` times the others', else S."""
+    if slice_axis == "auto":
+        ras_spacing = [0.0, 0.0, 0.0]
+        for axis, (world, _) in enumerate(_orientation(affine)):
+            ras_spacing[int(world)] = float(spacing[axis])
+        coarsest = int(np.argmax(ras_spacing))
+        others = max(s for i, s in enumerate(ras_spacing) if i != coarsest)
+        slice_axis = "RAS"[coarsest] if ras_spacing[coarsest] >= ANISOTROPY * others else "S"
+    return "".join(c for c in "RAS" if c != slice_axis) + slice_axis
+
+
 def to_canonical(
-    array: np.ndarray, affine: np.ndarray, spacing: Sequence[float]
+    array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], codes: str = "RAS"
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], np.ndarray]:
-    """`array` reoriented to the closest canonical RAS+ orientation of `affine`.
+    """`array` reoriented to the closest canonical orientation of `affine` whose axes point to
+    `codes` (RAS+, or a permutation of it that puts another slicing axis last).
 
     Returns (array, affine, spacing, transform): the affine and spacing of the reoriented array
     and the nibabel orientation transform that maps it back to the original axes.
     """
-    ornt = orientations.io_orientation(np.asarray(affine, np.float64))
-    if np.isnan(ornt).any():
-        raise ValueError(f"affine has no orientation for some axis: {np.asarray(affine).tolist()}")
-    forward = orientations.ornt_transform(ornt, _RAS)
+    ornt = _orientation(affine)
+    target = orientations.axcodes2ornt(tuple(codes))
+    forward = orientations.ornt_transform(ornt, target)
     out = orientations.apply_orientation(array, forward)
     out_affine = np.asarray(affine, np.float64) @ orientations.inv_ornt_aff(forward, array.shape)
     out_spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(forward):
-        out_spacing[int(target)] = float(spacing[axis])
-    return out, out_affine, tuple(out_spacing), orientations.ornt_transform(_RAS, ornt)
+    for axis, (destination, _) in enumerate(forward):
+        out_spacing[int(destination)] = float(spacing[axis])
+    return out, out_affine, tuple(out_spacing), orientations.ornt_transform(target, ornt)
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
@@ -192,9 +222,10 @@ def _prepare(
     affine = np.asarray(affine, np.float64)
     spacing = tuple(float(s) for s in spacing)
     if settings.canonical:
+        codes = slice_codes(affine, spacing, settings.slice_axis)
         if label is not None:
-            label = to_canonical(label, affine, spacing)[0]
-        image, affine, spacing, to_original = to_canonical(image, affine, spacing)
+            label = to_canonical(label, affine, spacing, codes)[0]
+        image, affine, spacing, to_original = to_canonical(image, affine, spacing, codes)
     if normalize:
         image = normalize_intensity(image, settings)
     size = settings.image_size
