@@ -32,6 +32,15 @@ _PATIENT = re.compile(r"patient\d+")
 _SPLIT_DIRS = {"train": "training", "test": "testing"}
 
 
+def patient_of(case_name: str) -> str:
+    """The patient of a case (``patient001_ED`` -> ``patient001``), so splits keep both
+    frames of a patient together."""
+    for phase in PHASES:
+        if case_name.endswith(f"_{phase}"):
+            return case_name[: -len(phase) - 1]
+    return case_name
+
+
 def patient_dirs(directory: Path) -> list[Path]:
     """The ``patientNNN`` folders directly inside `directory`, sorted by name."""
     if not directory.is_dir():

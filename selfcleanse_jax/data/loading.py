@@ -3,7 +3,8 @@
 A dataset on disk (`data.root`, in the `data.layout` layout or the one detected) is read case
 by case, prepared by `preprocess.prepare_case` and cut into slices once; the slice tables are
 cached under `data.cache_dir`, keyed by the dataset's files and the preprocessing settings.
-Splits are always by case, never by slice.
+Splits are always by case, never by slice, and keep the cases of one subject (ACDC's two
+frames of a patient) together.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from selfcleanse_jax.data import phantom
+from selfcleanse_jax.data import acdc, phantom
 from selfcleanse_jax.data.cases import SliceTable
-from selfcleanse_jax.data.layouts import dataset_info, detect_layout, iter_layout, layout_files
+from selfcleanse_jax.data.layouts import (
+    DatasetInfo,
+    dataset_info,
+    detect_layout,
+    iter_layout,
+    layout_files,
+)
 from selfcleanse_jax.data.preprocess import (
     PreprocessSettings,
     cache_key,
@@ -44,24 +51,40 @@ class Dataset:
         return {name: float(v) for name, v in zip(self.class_names[1:], values, strict=True)}
 
 
-def split_cases(num_cases: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(kept, held-out) case indices: a seeded `test_fraction` of the cases held out."""
-    order = np.random.default_rng(seed).permutation(num_cases)
-    num_test = max(1, round(test_fraction * num_cases))
-    if num_test >= num_cases:
-        raise ValueError(f"cannot hold out {num_test} of {num_cases} cases for testing")
-    return sorted(order[num_test:].tolist()), sorted(order[:num_test].tolist())
+def _cases_of(subjects: Sequence[str], chosen: set[str]) -> list[int]:
+    return [i for i, s in enumerate(subjects) if s in chosen]
 
 
-def kfold_cases(num_cases: int, folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) case indices of fold `fold` of a seeded `folds`-fold split."""
+def split_cases(
+    subjects: Sequence[str], test_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(kept, held-out) case indices, a seeded `test_fraction` of the subjects held out.
+
+    `subjects[i]` names the subject of case i: cases of one subject (ACDC's ED and ES frames
+    of one patient) always fall on the same side.
+    """
+    names = sorted(set(subjects))
+    order = np.random.default_rng(seed).permutation(len(names))
+    num_test = max(1, round(test_fraction * len(names)))
+    if num_test >= len(names):
+        raise ValueError(f"cannot hold out {num_test} of {len(names)} subjects for testing")
+    held = {names[i] for i in order[:num_test]}
+    return _cases_of(subjects, set(names) - held), _cases_of(subjects, held)
+
+
+def kfold_cases(
+    subjects: Sequence[str], folds: int, fold: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train, validation) case indices of fold `fold` of a seeded `folds`-fold split of the
+    subjects (see `split_cases`)."""
+    names = sorted(set(subjects))
     if not 0 <= fold < folds:
         raise ValueError(f"data.fold must lie in 0..{folds - 1}, got {fold}")
-    if folds > num_cases:
-        raise ValueError(f"cannot split {num_cases} training cases into {folds} folds")
-    order = np.random.default_rng(seed).permutation(num_cases)
-    val = np.array_split(order, folds)[fold]
-    return sorted(set(range(num_cases)) - set(val.tolist())), sorted(val.tolist())
+    if folds > len(names):
+        raise ValueError(f"cannot split {len(names)} training subjects into {folds} folds")
+    order = np.random.default_rng(seed).permutation(len(names))
+    held = {names[i] for i in np.array_split(order, folds)[fold]}
+    return _cases_of(subjects, set(names) - held), _cases_of(subjects, held)
 
 
 def select_cases(table: SliceTable, cases: Sequence[int]) -> SliceTable:
@@ -91,7 +114,7 @@ def _empty_table(size: int) -> SliceTable:
     )
 
 
-def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, list[str], str]:
+def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, DatasetInfo]:
     data = config.data
     settings = PreprocessSettings.from_config(config, "mri")
 
@@ -105,13 +128,13 @@ def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
     return (
         cases_to_slices(cases(range(train_cases)), data.image_size, settings=settings),
         cases_to_slices(cases(test), data.image_size, settings=settings),
-        [phantom.LABELS[k] for k in sorted(phantom.LABELS)],
-        settings.modality,
+        DatasetInfo([phantom.LABELS[k] for k in sorted(phantom.LABELS)], settings.modality, ""),
     )
 
 
-def _on_disk(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, list[str], str]:
-    """Train and labelled-test tables of `data.root` (the test table empty when it has none)."""
+def _on_disk(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, DatasetInfo]:
+    """Train and labelled-test tables of `data.root` (the test table empty when it has none),
+    and what the dataset is, with the modality its intensities were normalised as."""
     data = config.data
     root = Path(data.root)
     layout = data.layout or detect_layout(root)
@@ -135,7 +158,8 @@ def _on_disk(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
         key = cache_key(files, settings, {**identity, "split": split})
         return cached_slice_table(cache_dir, key, build)
 
-    return table("train"), table("test"), info.class_names, settings.modality
+    info = DatasetInfo(info.class_names, settings.modality, layout)
+    return table("train"), table("test"), info
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
@@ -146,15 +170,17 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     validates. Both splits are seeded by `config.seed`.
     """
     data = config.data
-    if data.root:
-        train, test, class_names, modality = _on_disk(config)
-    else:
-        train, test, class_names, modality = _phantom(config)
+    train, test, info = _on_disk(config) if data.root else _phantom(config)
+    subject = acdc.patient_of if info.layout == "acdc" else str
     if not len(test):
-        kept, held = split_cases(len(train.case_names), data.test_fraction, config.seed)
+        subjects = [subject(name) for name in train.case_names]
+        kept, held = split_cases(subjects, data.test_fraction, config.seed)
         train, test = select_cases(train, kept), select_cases(train, held)
     val = None
     if data.folds > 1:
-        fit, held = kfold_cases(len(train.case_names), data.folds, data.fold, config.seed)
+        subjects = [subject(name) for name in train.case_names]
+        fit, held = kfold_cases(subjects, data.folds, data.fold, config.seed)
         train, val = select_cases(train, fit), select_cases(train, held)
-    return Dataset(train=train, test=test, class_names=class_names, modality=modality, val=val)
+    return Dataset(
+        train=train, test=test, class_names=info.class_names, modality=info.modality, val=val
+    )
