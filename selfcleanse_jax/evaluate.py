@@ -15,13 +15,16 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from selfcleanse_jax import metrics
+from selfcleanse_jax.data.cases import SliceTable
+from selfcleanse_jax.data.layouts import detect_layout, iter_layout
 from selfcleanse_jax.data.loading import load_dataset
-from selfcleanse_jax.predict import load_config, load_trained
+from selfcleanse_jax.predict import TrainedModel, load_config, load_trained, segment_volume
 from selfcleanse_jax.train import evaluate_losses
 
 SPLITS = ("val", "test")
@@ -47,11 +50,44 @@ def _summary(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": float(np.mean(present)), "std": float(np.std(present))}
 
 
+Volume = tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]
+"""(case name, predicted labels, reference labels, voxel spacing in mm) of one case."""
+
+
+def _prepared_volumes(model: TrainedModel, table: SliceTable) -> Iterator[Volume]:
+    """Cases scored on the prepared grid (the phantom, generated on it)."""
+    batch_size = model.config.train.eval_batch_size
+    predictions, _ = evaluate_losses(model.steps, model.state, table, table.labels, batch_size)
+    for case, name in enumerate(table.case_names):
+        members = table.volume_slices(case)
+        spacing = tuple(float(s) for s in table.spacing[members[0]])
+        pred = np.moveaxis(predictions[members], 0, -1)  # (H, W, Z)
+        yield name, pred, np.moveaxis(table.labels[members], 0, -1), spacing
+
+
+def _native_volumes(model: TrainedModel, table: SliceTable) -> Iterator[Volume]:
+    """Cases of a dataset on disk scored on their own voxel grid, as `predict` segments them:
+    each volume is read again (only the cases of `table`) and compared with its label file."""
+    data = model.config.data
+    root = Path(data.root)
+    layout = data.layout or detect_layout(root)
+    wanted = set(table.case_names)
+    for split in ("train", "test"):
+        for case in iter_layout(root, layout, split, lits_classes=data.lits_classes, names=wanted):
+            wanted.discard(case.name)
+            pred = segment_volume(model, case.image, case.affine, case.spacing)
+            yield case.name, pred, case.label, tuple(float(s) for s in case.spacing)
+    if wanted:
+        raise ValueError(f"{root}: cases {sorted(wanted)} of the run are no longer in the dataset")
+
+
 def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) -> dict:
     """Metrics of the latest checkpoint of the run in `workdir` on `split` ("val" or "test").
 
-    The data is rebuilt from the run's config (the phantom from its seed; a dataset on disk
-    from its preprocessing cache), so the cases are exactly those the run held out. "val" needs
+    The split is rebuilt from the run's config (the phantom from its seed; a dataset on disk
+    from its preprocessing cache), so the cases are exactly those the run held out. Cases of
+    a dataset on disk are segmented as `predict` does and scored on their own voxel grid
+    against their label files, with the spacing of the file's header. "val" needs
     a run trained with `data.folds` > 1. Returns the content of metrics.json; with `write`,
     also writes `WORKDIR/eval/metrics.json` and `per_case.csv` (their `split` says which).
     """
@@ -73,19 +109,12 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
             f"{workdir / 'config.json'}: the run has no validation split "
             "(train with --config.data.folds=K, K > 1)"
         )
-    predictions, _ = evaluate_losses(
-        model.steps, model.state, table, table.labels, config.train.eval_batch_size
-    )
-
     names = dataset.class_names
+    volumes = _native_volumes(model, table) if config.data.root else _prepared_volumes(model, table)
     rows = []
-    for case in range(len(table.case_names)):
-        members = table.volume_slices(case)
-        pred = np.moveaxis(predictions[members], 0, -1)  # (H, W, Z)
-        ref = np.moveaxis(table.labels[members], 0, -1)
-        spacing = tuple(float(s) for s in table.spacing[members[0]])
+    for case, pred, ref, spacing in volumes:
         for c, m in metrics.case_metrics(pred, ref, dataset.num_classes, spacing).items():
-            rows.append({"case": table.case_names[case], "class": names[c], **m})
+            rows.append({"case": case, "class": names[c], **m})
 
     per_class = {}
     for name in names[1:]:

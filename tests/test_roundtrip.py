@@ -8,6 +8,7 @@ input's exact shape and affine, as uint8 that nibabel loads.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from selfcleanse_jax import cli
+from selfcleanse_jax import cli, metrics
 from selfcleanse_jax.data import phantom
 from selfcleanse_jax.data.acdc import CLASS_NAMES, write_acdc
 from selfcleanse_jax.data.cases import Case
@@ -112,6 +113,18 @@ def test_msd_layout_round_trip_keeps_geometry_and_orientation(tmp_path):
     assert cli.main(["evaluate", "--workdir", str(workdir)]) == 0
     result = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert result["split"] == "test" and result["num_cases"] == 2
+    # evaluate scores each test case on its own voxel grid, exactly as predict segments it.
+    with (workdir / "eval" / "per_case.csv").open() as f:
+        rows = {(r["case"], r["class"]): r for r in csv.DictReader(f)}
+    names = [phantom.LABELS[k] for k in sorted(phantom.LABELS)]
+    for case in ("twin_ras", "twin_lps"):
+        label = np.asanyarray(nib.load(root / "labelsTs" / f"{case}.nii.gz").dataobj)
+        mask = masks[f"{case}.nii.gz"]
+        for c, expected in metrics.case_metrics(mask, label, 4, SPACING).items():
+            row = rows[(case, names[c])]
+            assert float(row["dice"]) == pytest.approx(expected["dice"], abs=1e-5)
+            if expected["hd95"] is not None:
+                assert float(row["hd95"]) == pytest.approx(expected["hd95"], abs=1e-4)
 
 
 def test_acdc_layout_round_trip_with_a_validation_fold(tmp_path):

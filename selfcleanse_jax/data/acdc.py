@@ -15,7 +15,7 @@ patient gives two cases, ``patientNNN_ED`` and ``patientNNN_ES``, from the frame
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -113,15 +113,18 @@ def acdc_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_acdc(root: Path, split: str = "train") -> Iterator[Case]:
+def iter_acdc(
+    root: Path, split: str = "train", names: Collection[str] | None = None
+) -> Iterator[Case]:
     """Cases of one split ("train" or "test"), two per patient (ED then ES), labels 0..3,
-    read one at a time.
+    read one at a time (only those in `names`, when given).
 
     Training frames must have their ``_gt`` label; test frames get theirs when present.
     """
     for patient in split_patients(root, split):
         for name, image, label in _phase_files(patient, split):
-            yield load_case(name, image, label, len(CLASS_NAMES))
+            if names is None or name in names:
+                yield load_case(name, image, label, len(CLASS_NAMES))
 
 
 def read_acdc(root: Path, split: str = "train") -> list[Case]:

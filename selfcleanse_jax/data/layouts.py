@@ -7,7 +7,7 @@ normalisation) plus a `DatasetInfo` with the class names and the modality.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from selfcleanse_jax.data import acdc, lits, msd
@@ -86,10 +86,15 @@ def dataset_info(
 
 
 def iter_layout(
-    root: Path, layout: str = "", split: str = "train", *, lits_classes: str = "liver_tumour"
+    root: Path,
+    layout: str = "",
+    split: str = "train",
+    *,
+    lits_classes: str = "liver_tumour",
+    names: Collection[str] | None = None,
 ) -> Iterator[Case]:
     """The cases of one split, read one at a time (so a large dataset need not fit in memory);
-    `layout` "" detects it.
+    `layout` "" detects it; with `names`, only those cases (the others are not read).
 
     "train" gives the labelled training cases; "test" the test cases (labels when present,
     else None; nothing when the dataset has none). `lits_classes` picks the LiTS class set
@@ -103,10 +108,10 @@ def iter_layout(
     if layout == "msd":
         description = msd.read_dataset_json(root)
         has_split = split == "train" or description.get("test") or (root / "imagesTs").is_dir()
-        return msd.iter_msd(root, split) if has_split else iter(())
+        return msd.iter_msd(root, split, names) if has_split else iter(())
     if layout == "acdc":
-        return acdc.iter_acdc(root, split)
-    return lits.iter_lits(root, split, lits_classes)
+        return acdc.iter_acdc(root, split, names)
+    return lits.iter_lits(root, split, lits_classes, names)
 
 
 def read_layout(

@@ -12,7 +12,7 @@ sorted by N numerically.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +68,18 @@ def _pairs(root: Path, split: str) -> list[tuple[str, Path, Path | None]]:
     return out
 
 
-def iter_lits(root: Path, split: str = "train", classes: str = "liver_tumour") -> Iterator[Case]:
+def iter_lits(
+    root: Path,
+    split: str = "train",
+    classes: str = "liver_tumour",
+    names: Collection[str] | None = None,
+) -> Iterator[Case]:
     """Cases of one split ("train" or "test"), labelled per `classes` (see `CLASS_CHOICES`),
-    read one at a time."""
+    read one at a time (only those in `names`, when given)."""
     if classes not in CLASS_CHOICES:
         raise ValueError(f"classes must be one of {sorted(CLASS_CHOICES)}, got {classes!r}")
-    return (_load_pair(*pair, classes) for pair in _pairs(root, split))
+    pairs = [p for p in _pairs(root, split) if names is None or p[0] in names]
+    return (_load_pair(*pair, classes) for pair in pairs)
 
 
 def _load_pair(name: str, volume: Path, segmentation: Path | None, classes: str) -> Case:

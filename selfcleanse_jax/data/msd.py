@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -368,8 +368,11 @@ def msd_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_msd(root: Path, split: str = "train") -> Iterator[Case]:
-    """The cases of one split ("train" or "test") of an MSD dataset, read one at a time.
+def iter_msd(
+    root: Path, split: str = "train", names: Collection[str] | None = None
+) -> Iterator[Case]:
+    """The cases of one split ("train" or "test") of an MSD dataset, read one at a time
+    (only those in `names`, when given).
 
     Training cases must have labels; test labels (labelsTs) are read when present. Labels may
     not exceed the classes dataset.json names. Every file is checked to exist before the first
@@ -390,7 +393,8 @@ def iter_msd(root: Path, split: str = "train") -> Iterator[Case]:
                 raise ValueError(f"{label_path}: label file not found{where}")
             label_path = None
         files.append((name, image_path, label_path))
-    return (load_case(*entry, len(class_names)) for entry in files)
+    wanted = [entry for entry in files if names is None or entry[0] in names]
+    return (load_case(*entry, len(class_names)) for entry in wanted)
 
 
 def read_msd(root: Path, split: str = "train") -> tuple[list[Case], dict]:
