@@ -30,12 +30,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from selfcleanse_jax.checkpoint import Checkpointer
-from selfcleanse_jax.data.msd import read_nifti
+from selfcleanse_jax.data.msd import nifti_stem, read_nifti
 from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_volume, restore_labels
 from selfcleanse_jax.models.unet import UNetConfig
 from selfcleanse_jax.steps import Steps, TrainState, init_model
-
-SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclasses.dataclass
@@ -144,7 +142,7 @@ def load_trained(workdir: str | Path, parallel: str | None = None) -> TrainedMod
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(SUFFIXES)
+    return nifti_stem(path) is not None
 
 
 def input_files(input_path: str | Path) -> list[Path]:
@@ -164,12 +162,9 @@ def input_files(input_path: str | Path) -> list[Path]:
 
 def output_name(path: Path) -> str:
     """The input's file name, without a `_0000` channel suffix."""
-    name = path.name
-    suffix = next(s for s in SUFFIXES if name.endswith(s))
-    stem = name[: -len(suffix)]
-    if stem.endswith("_0000"):
-        stem = stem[:-5]
-    return stem + suffix
+    stem = nifti_stem(path)
+    ending = path.name[len(stem) :]
+    return stem.removesuffix("_0000") + ending
 
 
 def read_volume(path: Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
@@ -224,7 +219,7 @@ def save_labels(labels: np.ndarray, like: nib.spatialimages.SpatialImage, path: 
         out.set_sform(like.affine if sform is None else sform, code=int(scode or 0))
         if not qcode and not scode:
             out.set_sform(like.affine, code=2)
-    suffix = next(s for s in SUFFIXES if path.name.endswith(s))
+    suffix = path.name[len(nifti_stem(path)) :]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:

@@ -78,16 +78,16 @@ class TargetBank:
         if self.soft is not None:
             self.soft[...] = _one_hot(self.given, self.soft.shape[-1])
 
-    def batch(self, table: SliceTable, idx: np.ndarray) -> dict[str, np.ndarray]:
-        batch = {
-            "image": table.images[idx],
-            "target": self.targets[idx],
-            "weight": self.weights[idx],
-            "idx": idx.astype(np.int32),
-        }
+    def arrays(self, table: SliceTable) -> dict[str, np.ndarray]:
+        """Per-sample training inputs by name (views, so later bank updates show through)."""
+        arrays = {"image": table.images, "target": self.targets, "weight": self.weights}
         if self.soft is not None:
-            batch["soft_target"] = self.soft[idx]
-        return batch
+            arrays["soft_target"] = self.soft
+        return arrays
+
+    def batch(self, table: SliceTable, idx: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {name: array[idx] for name, array in self.arrays(table).items()}
+        return {**batch, "idx": idx.astype(np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,17 +311,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def epoch_dataset(self, epoch: int) -> grain.MapDataset:
         """This process's training batches of `epoch`, read from the bank as it is now."""
-        bank = self.bank
-        arrays = {
-            "image": self.dataset.train.images,
-            "target": bank.targets,
-            "weight": bank.weights,
-        }
-        if bank.soft is not None:
-            arrays["soft_target"] = bank.soft
-        return pipeline.epoch_dataset(
-            pipeline.ArraySource(arrays), self.config.train.batch_size, self.config.seed, epoch
-        )
+        source = pipeline.ArraySource(self.bank.arrays(self.dataset.train))
+        return pipeline.epoch_dataset(source, self.config.train.batch_size, self.config.seed, epoch)
 
     def train_epoch(self, epoch: int) -> np.ndarray:
         """One pass over the training slices; each slice's training loss (NaN if not seen).

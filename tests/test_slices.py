@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX, Case
-from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_case
-from selfcleanse_jax.data.slices import cases_to_slices, normalize_volume
+from selfcleanse_jax.data.preprocess import PreprocessSettings, normalize_volume, prepare_case
+from selfcleanse_jax.data.slices import cases_to_slices
 
 
 def _case(name: str, shape: tuple[int, int, int], seed: int, label: bool = True) -> Case:

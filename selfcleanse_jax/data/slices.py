@@ -7,9 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX, Case, SliceTable
-from selfcleanse_jax.data.preprocess import PreprocessSettings, normalize_volume, prepare_case
-
-__all__ = ["cases_to_slices", "normalize_volume"]
+from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_case
 
 
 def cases_to_slices(
