@@ -214,6 +214,7 @@ class Trainer:
             supervision, self.num_classes, config.cleanse.soft_targets
         )
         self.loss_history: list[np.ndarray] = []
+        self.lfm_input: np.ndarray | None = None  # the last round's GMM input (normalised)
         # Where the input pipeline stands: {"epoch", "step", "iterator" (grain state)}.
         self.data_state: dict | None = None
 
@@ -263,6 +264,7 @@ class Trainer:
             tau=c.tau,
             reg_covar=c.reg_covar,
         )
+        self.lfm_input = result.normalised
         if result.message:
             log.warning("epoch %d: %s", epoch, result.message)
         bank = self.bank
@@ -294,6 +296,8 @@ class Trainer:
         record = {
             "flagged": int(len(flagged)),
             "gmm_means": [float(m) for m in np.asarray(result.fit.means)],
+            "gmm_variances": [float(v) for v in np.asarray(result.fit.variances)],
+            "gmm_weights": [float(w) for w in np.asarray(result.fit.weights)],
             "gmm_degenerate": bool(result.fit.degenerate),
         }
         if self.config.noise.kind != "none":
@@ -353,6 +357,7 @@ class Trainer:
         if cleansed:
             arrays.update(
                 lfm_loss=self.loss_history[-1],
+                lfm_input=self.lfm_input,
                 clean_prob=self.bank.clean_prob,
                 flagged=self.bank.flagged,
             )

@@ -12,6 +12,7 @@ import pytest
 
 from selfcleanse_jax import train
 from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.data.loading import load_dataset
 from tiny import TINY, tiny_config
 
@@ -107,6 +108,15 @@ def test_cleansing_rounds_reweight_and_relabel(tmp_path, tiny_dataset, method):
     np.testing.assert_array_equal(last["clean_prob"], trainer.bank.clean_prob)
     np.testing.assert_array_equal(last["flagged"], flagged)
     assert np.isfinite(last["lfm_loss"]).all()
+    # The recorded GMM input is the min-max normalised LFM loss (loss_window 1), and the
+    # recorded fit is the mixture fitted on it.
+    lfm = last["lfm_loss"].astype(np.float64)
+    np.testing.assert_allclose(
+        last["lfm_input"], (lfm - lfm.min()) / (lfm.max() - lfm.min()), atol=1e-6
+    )
+    refit = split_clean_noisy(lfm)
+    np.testing.assert_allclose(summary["cleanse"]["gmm_variances"], refit.fit.variances, rtol=1e-4)
+    np.testing.assert_allclose(summary["cleanse"]["gmm_weights"], refit.fit.weights, rtol=1e-4)
     if method == "filter":
         assert np.all(trainer.bank.weights[flagged] == 0.0)
         np.testing.assert_array_equal(trainer.bank.targets, trainer.bank.given)

@@ -65,6 +65,7 @@ class FilterResult:
     clean_prob: np.ndarray  # (N,) float32
     noisy: np.ndarray  # (N,) bool, clean_prob < tau
     fit: GMMFit
+    normalised: np.ndarray  # (N,) float32, the losses the mixture was fitted on; NaN if degenerate
     message: str = ""
 
 
@@ -326,6 +327,7 @@ def split_clean_noisy(
         raise ValueError(f"losses must be 1-D (one per sample), got shape {x.shape}")
     x = x.reshape(-1)
     reason = _degenerate_reason(x)
+    normalised = np.full(x.shape, np.nan)
     if reason:
         fit = _degenerate_fit(x, np.ones(x.shape, bool), reg_covar, reason)
     else:
@@ -349,4 +351,10 @@ def split_clean_noisy(
     message = ""
     if bool(fit.degenerate):
         message = f"LFM ({backend}): {fit.reason}; all {x.size} samples marked clean"
-    return FilterResult(clean_prob=clean_prob, noisy=clean_prob < tau, fit=fit, message=message)
+    return FilterResult(
+        clean_prob=clean_prob,
+        noisy=clean_prob < tau,
+        fit=fit,
+        normalised=normalised.astype(np.float32),
+        message=message,
+    )
