@@ -208,12 +208,19 @@ def boundary(
 
 
 @register("missing")
-def missing(label: np.ndarray, rng: np.random.Generator, unit: str = "class") -> NoiseResult:
+def missing(
+    label: np.ndarray,
+    rng: np.random.Generator,
+    unit: str = "class",
+    classes: list[int] | None = None,
+) -> NoiseResult:
     """Missing label: one structure set to background, chosen uniformly among the foreground
     classes present (`unit="class"`) or among their 8-connected components
-    (`unit="component"`).
+    (`unit="component"`), of the classes in `classes` (None: every class). A label without
+    any of them cannot be corrupted: e.g. `classes=[2]` with `unit="component"` on LiTS
+    leaves out one tumour of the slices that have one, the paper's L-model.
     """
-    classes = foreground_classes(label)
+    classes = _select_classes(label, classes)
     if classes.size == 0:
         return None
     if unit == "class":
@@ -591,7 +598,7 @@ def _corrupt_one(
         return label, record
     result = NOISE_MODELS[base](label, rng, **params)
     if result is None:
-        record["uncorruptible"] = "no foreground"
+        record["uncorruptible"] = "nothing to corrupt (no foreground of the selected classes)"
         return label, record
     noisy, drawn = result
     changed = int(np.sum(noisy != label))

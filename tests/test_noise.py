@@ -142,6 +142,24 @@ def test_missing_removes_exactly_one_structure(unit):
         assert any(r["params"]["size"] == 9 for r in realisation.records)
 
 
+def test_missing_restricted_to_classes_leaves_the_others():
+    labels = _labels(30, 32)
+    labels[::3][labels[::3] == 1] = 0  # every third slice has no RV
+    realisation = apply_noise(
+        labels, "missing", 1.0, 5, NUM_CLASSES, params={"classes": [1], "unit": "component"}
+    )
+    for clean, noisy, rec in zip(
+        labels, realisation.noisy_labels, realisation.records, strict=True
+    ):
+        changed = noisy != clean
+        if not (clean == 1).any():
+            assert not rec["noisy"] and not changed.any()
+            assert rec["uncorruptible"].startswith("nothing to corrupt")
+        else:
+            assert rec["noisy"] and rec["params"]["class"] == 1
+            assert np.all(clean[changed] == 1) and np.all(noisy[changed] == 0)
+
+
 def test_empty_labels_stay_clean_and_say_so():
     labels = _labels(6)
     labels[::2] = 0
@@ -149,7 +167,7 @@ def test_empty_labels_stay_clean_and_say_so():
         realisation = apply_noise(labels, kind, 1.0, 0, NUM_CLASSES)
         np.testing.assert_array_equal(realisation.is_noisy, [False, True] * 3)
         np.testing.assert_array_equal(realisation.noisy_labels[::2], 0)
-        assert realisation.records[0]["uncorruptible"] == "no foreground"
+        assert realisation.records[0]["uncorruptible"].startswith("nothing to corrupt")
         assert realisation.summary()["num_uncorruptible"] == 3
 
 
@@ -385,7 +403,7 @@ def test_new_models_keep_empty_labels_clean(kind):
     labels[::2] = 0
     realisation = apply_noise(labels, kind, 1.0, 0, NUM_CLASSES)
     np.testing.assert_array_equal(realisation.noisy_labels[::2], 0)
-    assert realisation.records[0]["uncorruptible"] == "no foreground"
+    assert realisation.records[0]["uncorruptible"].startswith("nothing to corrupt")
 
 
 def test_spatial_correction_presets_follow_the_authors_code():
