@@ -218,7 +218,7 @@ def missing(
     classes present (`unit="class"`) or among their 8-connected components
     (`unit="component"`), of the classes in `classes` (None: every class). A label without
     any of them cannot be corrupted: e.g. `classes=[2]` with `unit="component"` on LiTS
-    leaves out one tumour of the slices that have one, the paper's L-model.
+    leaves out one tumour of the slices that have one (missing lesions).
     """
     classes = _select_classes(label, classes)
     if classes.size == 0:
