@@ -79,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.gmm_backend = "jax"  # jax | sklearn
     c.cleanse.tau = 0.5
     c.cleanse.reg_covar = 5e-4
+    c.cleanse.lfm_dice_weight = -1.0  # Dice weight in the LFM's loss; < 0: train.dice_weight
     c.cleanse.loss_window = 1  # mean of the per-sample loss over the last k rounds
     c.cleanse.sticky = False  # keep each sample's lowest clean probability across rounds
     c.cleanse.kappa = 0.8

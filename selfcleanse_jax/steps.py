@@ -59,6 +59,7 @@ class StepConfig:
     morph_radius: int = 0
     flip_average: bool = False
     teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
+    lfm_dice_weight: float | None = None  # Dice weight of the eval (LFM) loss; None: dice_weight
 
 
 def init_model(
@@ -153,13 +154,15 @@ def eval_step(
 ) -> tuple[jax.Array, jax.Array]:
     """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses.
 
-    The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label).
-    With `teacher`, the EMA teacher's forward pass (the model's own when there is none).
+    The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label),
+    with the Dice term weighted by `config.lfm_dice_weight` when set. With `teacher`, the EMA
+    teacher's forward pass (the model's own when there is none).
     """
     model = _model(state, graphdef, teacher)
     logits = model(batch["image"])
     targets, mask = label_targets(batch["target"], config.num_classes)
-    losses = per_sample_loss(logits, targets, mask, dice_weight=config.dice_weight)
+    dice_weight = config.dice_weight if config.lfm_dice_weight is None else config.lfm_dice_weight
+    losses = per_sample_loss(logits, targets, mask, dice_weight=dice_weight)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8), losses
 
 

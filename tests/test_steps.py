@@ -164,3 +164,17 @@ def test_teacher_evaluation_uses_the_teacher_and_falls_back_to_the_model():
     # After one step the teacher is 0.9 * initial + 0.1 * trained: nearer the initial model.
     initial = np.asarray(ema.evaluate(fresh, inputs)[1])
     assert np.abs(teacher - initial).sum() < np.abs(student - initial).sum()
+
+
+def test_lfm_loss_weights_the_dice_term_on_its_own():
+    batch = _batch(size=4)
+    inputs = {"image": batch["image"], "target": batch["target"]}
+
+    def eval_losses(**changes):
+        steps = Steps(MODEL, optax.sgd(0.1), dataclasses.replace(CONFIG, **changes), "none")
+        return np.asarray(steps.evaluate(steps.init_state(0), inputs)[1])
+
+    ce_only = eval_losses(dice_weight=0.0)
+    np.testing.assert_allclose(eval_losses(lfm_dice_weight=0.0), ce_only, rtol=1e-6)
+    np.testing.assert_allclose(eval_losses(dice_weight=0.0, lfm_dice_weight=1.0), eval_losses())
+    assert np.all(eval_losses() > ce_only)
