@@ -119,6 +119,15 @@ def compiled_steps(
     return Steps(model, optimizer.build(), steps, parallel)
 
 
+def _keep_records_before(path: Path, epoch: int) -> None:
+    """Drop the records of `epoch` and later from a metrics file: a resumed run trains them
+    again (a run can log epochs after its last checkpoint before it stops)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
     c = config.cleanse
     return StepConfig(
@@ -454,8 +463,8 @@ class Trainer:
         record: dict = {}
         try:
             first_epoch = self.resume(checkpointer) if checkpointer else 0
-            if first_epoch == 0:
-                metrics_path.unlink(missing_ok=True)
+            if jax.process_index() == 0:
+                _keep_records_before(metrics_path, first_epoch)
             bar = tqdm(
                 range(first_epoch, config.train.epochs),
                 desc=config.method,

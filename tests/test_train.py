@@ -144,6 +144,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     first.run()
     steps = first.steps_per_epoch
     assert first.data_state == {"epoch": 1, "step": steps, "iterator": {"next_index": steps}}
+    # As if a longer run had logged epoch 2 and died before checkpointing it.
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"epoch": 2, "train_loss": -1.0}) + "\n")
     config.train.epochs = 3
     second = train.Trainer(config, tmp_path, tiny_dataset)
     checkpointer = Checkpointer(tmp_path)
@@ -151,10 +154,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     checkpointer.close()
     assert second.data_state == first.data_state
     second.run()
-    epochs = [
-        json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert epochs == [0, 1, 2]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[2]["train_loss"] > 0
     assert int(second.steps.get_state(second.state).step) == 3 * first.steps_per_epoch
 
 
