@@ -19,6 +19,7 @@ EPILOG = """commands:
   gallery  PNG of the label-noise models on the phantom: --output PNG
   predict  segment volumes: --workdir RUN --input FILE_OR_DIR --output DIR [--tta]
   evaluate Dice, IoU, HD95, ASSD: --workdir RUN [--split val|test] -> RUN/eval/metrics.json
+  report   plots of a run's training, LFM rounds and per-slice losses: --workdir RUN [--output D]
 """
 
 
@@ -216,6 +217,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfcleanse_jax import report
+
+    result = report.make_report(Path(args.workdir), Path(args.output) if args.output else None)
+    for path in result["files"]:
+        print(f"wrote {path}")
+    for reason in result["summary"].get("skipped", []):
+        print(f"skipped {reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfcleanse",
@@ -295,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="test cases, or the validation fold of a run trained with data.folds > 1",
     )
     ev.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="plots of how a run's labels and LFM rounds evolved")
+    rep.add_argument("--workdir", required=True, help="workdir of a training run")
+    rep.add_argument("--output", help="directory for the plots (default: RUN/report)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,323 @@
+"""Plots and a summary of one training run, to see how label noise and the LFM/LCM evolve.
+
+`make_report(workdir)` reads what `train.Trainer` wrote (metrics.jsonl, config.json,
+noise_card.json, dynamics/epoch_NNNN.npz) and writes curves.png, lfm.png, losses.png and
+summary.md. Inputs a run may lack (dynamics, noise card) skip their plot, never fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DETECTION_KEYS = ("auc", "precision", "recall")
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    """The per-epoch records of metrics.jsonl, one per epoch (a resumed run may repeat epochs
+    it trained again; the later record wins), sorted by epoch."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: no metrics.jsonl, not a training run's work directory")
+    by_epoch = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not JSON ({error.msg})") from None
+            by_epoch[record["epoch"]] = record
+    if not by_epoch:
+        raise ValueError(f"{path}: empty, no epoch was recorded")
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_rounds(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
+    """Per-slice dynamics of the cleansing rounds (epochs whose file holds `lfm_input`)."""
+    rounds = {}
+    for path in sorted((workdir / "dynamics").glob("epoch_*.npz")):
+        with np.load(path) as arrays:
+            if "lfm_input" in arrays:
+                rounds[int(path.stem.removeprefix("epoch_"))] = dict(arrays)
+    return rounds
+
+
+def noise_truth(card: dict | None) -> dict[int, bool] | None:
+    """Sample id -> truly noisy, from the noise card; None when there is no noise to know."""
+    if card is None or card.get("kind", "none") == "none":
+        return None
+    return {int(record["id"]): bool(record["noisy"]) for record in card["records"]}
+
+
+def slice_groups(idx: np.ndarray, truth: dict[int, bool] | None) -> dict[str, np.ndarray]:
+    """Masks over a round's slices, matched to the card by sample id (the dynamics' `idx`):
+    {"clean", "noisy"}, or {"all"} without truth."""
+    if truth is None:
+        return {"all": np.ones(len(idx), bool)}
+    noisy = np.array([truth[int(i)] for i in idx], bool)
+    return {"clean": ~noisy, "noisy": noisy}
+
+
+def gmm_input_quartiles(
+    rounds: dict[int, dict[str, np.ndarray]], truth: dict[int, bool] | None
+) -> dict[str, np.ndarray]:
+    """Per group, the (rounds, 3) 25th/50th/75th percentiles of the GMM input over the rounds
+    in epoch order (NaN where the group is empty or the input was degenerate)."""
+    quartiles: dict[str, list] = {}
+    for arrays in (rounds[epoch] for epoch in sorted(rounds)):
+        for name, mask in slice_groups(arrays["idx"], truth).items():
+            values = arrays["lfm_input"][mask]
+            values = values[np.isfinite(values)]
+            row = np.percentile(values, [25, 50, 75]) if values.size else np.full(3, np.nan)
+            quartiles.setdefault(name, []).append(row)
+    return {name: np.array(rows) for name, rows in quartiles.items()}
+
+
+# ------------------------------------------------------------------------------ plotting
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _legend(axes) -> None:
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small")
+
+
+def _mark_warmup_end(axes, warmup_end: int | None) -> None:
+    if warmup_end is not None:
+        axes.axvline(warmup_end, color="grey", linestyle="--", label="first cleansing round")
+
+
+def plot_curves(records: list[dict], warmup_end: int | None, path: Path) -> Path:
+    """Training loss per epoch; test Dice (mean and per class) at the evaluated epochs."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    loss_axes, dice_axes = figure.subplots(1, 2, sharex=True)
+    loss_axes.plot([r["epoch"] for r in records], [r["train_loss"] for r in records], "o-")
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    evaluated = [r for r in records if "test_dice" in r]
+    epochs = [r["epoch"] for r in evaluated]
+    dice_axes.plot(epochs, [r["test_dice"] for r in evaluated], "ko-", linewidth=2, label="mean")
+    for name in evaluated[-1]["test_dice_per_class"] if evaluated else []:
+        dice = [r["test_dice_per_class"].get(name, np.nan) for r in evaluated]
+        dice_axes.plot(epochs, dice, ".-", label=name)
+    dice_axes.set(xlabel="epoch", ylabel="Dice", title="Test Dice", ylim=(0, 1))
+    for axes in (loss_axes, dice_axes):
+        _mark_warmup_end(axes, warmup_end)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(dice_axes)
+    return _save(figure, path)
+
+
+def plot_lfm(rounds: list[dict], path: Path) -> Path:
+    """Per cleansing round: flagged slices, detection quality, pseudo-label Dice."""
+    epochs = [r["epoch"] for r in rounds]
+    cleanse = [r["cleanse"] for r in rounds]
+    panels = [("flagged slices", "count", {"flagged": [c["flagged"] for c in cleanse]})]
+    if any("detection" in c for c in cleanse):
+        detection = {
+            key: [_or_nan(c.get("detection", {}).get(key)) for c in cleanse]
+            for key in DETECTION_KEYS
+        }
+        panels.append(("Noisy-label detection", "score", detection))
+    if any("pseudo_label_dice" in c for c in cleanse):
+        dice = {
+            f"{key} labels": [_or_nan(c.get("pseudo_label_dice", {}).get(key)) for c in cleanse]
+            for key in ("given", "cleansed")
+        }
+        panels.append(("Flagged slices' Dice vs clean", "Dice", dice))
+    figure = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
+    for axes, (title, ylabel, series) in zip(
+        np.atleast_1d(figure.subplots(1, len(panels))), panels, strict=True
+    ):
+        for label, values in series.items():
+            axes.plot(epochs, values, "o-", label=label)
+        axes.set(xlabel="epoch (cleansing round)", ylabel=ylabel, title=title)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _legend(axes)
+    figure.axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(figure, path)
+
+
+def _or_nan(value: float | None) -> float:
+    return np.nan if value is None else value
+
+
+def plot_losses(
+    rounds: dict[int, dict[str, np.ndarray]],
+    truth: dict[int, bool] | None,
+    gmm_by_epoch: dict[int, dict],
+    path: Path,
+) -> Path:
+    """GMM input per group over the rounds (median and interquartile band), and histograms at
+    the first, middle and last round with the fitted mixture's component densities."""
+    epochs = sorted(rounds)
+    shown = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+    figure = Figure(figsize=(4.5 * max(len(shown), 2), 8), layout="constrained")
+    grid = figure.add_gridspec(2, len(shown))
+    trend = figure.add_subplot(grid[0, :])
+    for name, quartiles in gmm_input_quartiles(rounds, truth).items():
+        (line,) = trend.plot(epochs, quartiles[:, 1], "o-", label=f"{name} (median)")
+        trend.fill_between(
+            epochs, quartiles[:, 0], quartiles[:, 2], alpha=0.25, color=line.get_color()
+        )
+    trend.set(xlabel="epoch (cleansing round)", ylabel="normalised LFM loss (GMM input)")
+    trend.set_title("GMM input per slice: median and interquartile range")
+    trend.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(trend)
+    grid_x = np.linspace(0.0, 1.0, 201)
+    for column, epoch in enumerate(shown):
+        axes = figure.add_subplot(grid[1, column])
+        arrays = rounds[epoch]
+        groups = slice_groups(arrays["idx"], truth)
+        values = [arrays["lfm_input"][mask] for mask in groups.values()]
+        values = [v[np.isfinite(v)] for v in values]
+        if sum(v.size for v in values):
+            axes.hist(values, bins=20, range=(0, 1), stacked=True, density=True, label=list(groups))
+        gmm = gmm_by_epoch.get(epoch)
+        if gmm and not gmm.get("gmm_degenerate"):
+            parts = zip(gmm["gmm_weights"], gmm["gmm_means"], gmm["gmm_variances"], strict=True)
+            for label, (weight, mean, variance) in zip(("clean", "noisy"), parts, strict=True):
+                density = np.exp(-((grid_x - mean) ** 2) / (2 * variance))
+                density *= weight / np.sqrt(2 * np.pi * variance)
+                axes.plot(grid_x, density, linewidth=2, label=f"{label} component")
+        axes.set(xlabel="GMM input", ylabel="density", title=f"epoch {epoch}")
+        _legend(axes)
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------------------- summary
+
+
+def summarise(records: list[dict], config: dict, card: dict | None) -> dict:
+    """The run in numbers, as a JSON-serialisable dict."""
+    noise = config.get("noise") or card or {}
+    evaluated = [r for r in records if "test_dice" in r]
+    rounds = [r for r in records if "cleanse" in r]
+    summary = {
+        "method": config.get("method"),
+        "noise_kind": noise.get("kind"),
+        "noise_rate": noise.get("rate"),
+        "epochs": len(records),
+        "epochs_configured": config.get("train", {}).get("epochs"),
+        "final_test_dice": evaluated[-1]["test_dice"] if evaluated else None,
+        "final_test_dice_per_class": evaluated[-1]["test_dice_per_class"] if evaluated else None,
+        "cleansing_rounds": len(rounds),
+        "first_cleansing_epoch": rounds[0]["epoch"] if rounds else None,
+    }
+    if rounds:
+        last = rounds[-1]["cleanse"]
+        summary.update(
+            last_flagged=last["flagged"],
+            detection=last.get("detection"),
+            pseudo_label_dice=last.get("pseudo_label_dice"),
+        )
+        scored = [r for r in rounds if (r["cleanse"].get("detection") or {}).get("auc") is not None]
+        if scored:
+            best = max(scored, key=lambda r: r["cleanse"]["detection"]["auc"])
+            summary["best_detection_auc"] = {
+                "epoch": best["epoch"],
+                "auc": best["cleanse"]["detection"]["auc"],
+            }
+    return summary
+
+
+def _format(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_format(v)}" for key, v in value.items())
+    return str(value)
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary as a two-column markdown table, skipped plots listed below it."""
+    rows = {
+        "method": summary["method"],
+        "noise": f"{_format(summary['noise_kind'])} at rate {_format(summary['noise_rate'])}",
+        "epochs": f"{summary['epochs']} of {_format(summary['epochs_configured'])}",
+        "final test Dice": summary["final_test_dice"],
+        "final test Dice per class": summary["final_test_dice_per_class"],
+        "cleansing rounds": summary["cleansing_rounds"],
+    }
+    if summary["cleansing_rounds"]:
+        pseudo = summary["pseudo_label_dice"] or {}
+        best = summary.get("best_detection_auc")
+        rows.update(
+            {
+                "flagged in the last round": summary["last_flagged"],
+                "detection (last round)": summary["detection"],
+                "pseudo-label Dice (last round)": (
+                    f"given {_format(pseudo['given'])} → cleansed {_format(pseudo['cleansed'])}"
+                    if pseudo
+                    else None
+                ),
+                "best detection AUC": best and f"{best['auc']:.4f} at epoch {best['epoch']}",
+            }
+        )
+    lines = ["| quantity | value |", "|---|---|"]
+    lines += [f"| {name} | {_format(value)} |" for name, value in rows.items()]
+    if summary["skipped"]:
+        lines += ["", "Skipped:", *(f"- {reason}" for reason in summary["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def make_report(workdir: Path, output: Path | None = None) -> dict:
+    """Plots and a summary of one training run's work directory; output defaults to
+    workdir/'report'. Returns {'files': [paths written], 'summary': {...}}."""
+    workdir = Path(workdir)
+    records = read_metrics(workdir)
+    output = workdir / "report" if output is None else Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = _read_json(workdir / "config.json") or {}
+    card = _read_json(workdir / "noise_card.json")
+    rounds = [r for r in records if "cleanse" in r]
+    files = [plot_curves(records, rounds[0]["epoch"] if rounds else None, output / "curves.png")]
+    skipped = []
+    if rounds:
+        files.append(plot_lfm(rounds, output / "lfm.png"))
+    else:
+        skipped.append("lfm.png: no cleansing rounds")
+    dynamics = read_rounds(workdir)
+    if dynamics:
+        truth = noise_truth(card)
+        unknown = {int(i) for arrays in dynamics.values() for i in arrays["idx"]} - set(truth or {})
+        if truth and unknown:
+            truth = None
+            skipped.append(
+                f"clean/noisy split: noise_card.json has no record of {len(unknown)} slices"
+            )
+        elif card is None and config.get("noise", {}).get("kind") != "none":
+            skipped.append("clean/noisy split: no noise_card.json")
+        gmm_by_epoch = {r["epoch"]: r["cleanse"] for r in rounds}
+        files.append(plot_losses(dynamics, truth, gmm_by_epoch, output / "losses.png"))
+    elif rounds:
+        skipped.append("losses.png: no dynamics files (train.record_dynamics was off)")
+    else:
+        skipped.append("losses.png: no cleansing rounds")
+    for stale in {"lfm.png", "losses.png"} - {path.name for path in files}:
+        (output / stale).unlink(missing_ok=True)  # left by an earlier report, no longer true
+    summary = {**summarise(records, config, card), "skipped": skipped}
+    (output / "summary.md").write_text(summary_markdown(summary))
+    files.append(output / "summary.md")
+    return {"files": [str(path) for path in files], "summary": summary}

@@ -1,0 +1,147 @@
+"""The run report on tiny trained runs: files, numbers from metrics.jsonl, noise-card grouping."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from selfcleanse_jax import train
+from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.report import gmm_input_quartiles, make_report, noise_truth, read_rounds
+from tiny import tiny_config
+
+# The same epochs everywhere, so that all runs share one compilation of the training steps.
+RUN = {"train.epochs": 3, "cleanse.warmup_epochs": 1, "train.checkpoint": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset():
+    return load_dataset(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, tiny_dataset):
+    def run(name, **overrides):
+        workdir = tmp_path_factory.mktemp(name)
+        config = tiny_config(**{**RUN, "noise.kind": "missing", **overrides})
+        train.Trainer(config, workdir, tiny_dataset).run()
+        return workdir
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def selfcleanse_run(train_run):
+    return train_run("selfcleanse", method="selfcleanse")
+
+
+@pytest.fixture(scope="module")
+def report(selfcleanse_run):
+    return make_report(selfcleanse_run)
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_images(paths):
+    for path in paths:
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path
+        assert image.std() > 0, f"{path} is blank"
+
+
+def test_report_writes_the_plots_and_the_summary(selfcleanse_run, report):
+    names = ["curves.png", "lfm.png", "losses.png", "summary.md"]
+    assert report["files"] == [str(selfcleanse_run / "report" / name) for name in names]
+    _assert_images(report["files"][:3])
+    assert report["summary"]["skipped"] == []
+    json.dumps(report["summary"])
+
+
+def test_summary_numbers_are_those_of_metrics_jsonl(selfcleanse_run, report):
+    records = _records(selfcleanse_run)
+    rounds = [r for r in records if "cleanse" in r]
+    last, summary = records[-1], report["summary"]
+    assert (summary["method"], summary["noise_kind"]) == ("selfcleanse", "missing")
+    assert summary["epochs"] == 3 and summary["cleansing_rounds"] == len(rounds) == 2
+    assert summary["first_cleansing_epoch"] == 1
+    assert summary["final_test_dice"] == last["test_dice"]
+    assert summary["final_test_dice_per_class"] == last["test_dice_per_class"]
+    assert summary["last_flagged"] == last["cleanse"]["flagged"]
+    assert summary["detection"] == last["cleanse"]["detection"]
+    assert summary["pseudo_label_dice"] == last["cleanse"]["pseudo_label_dice"]
+    aucs = {r["epoch"]: r["cleanse"]["detection"]["auc"] for r in rounds}
+    best = max(aucs, key=aucs.get)
+    assert summary["best_detection_auc"] == {"epoch": best, "auc": aucs[best]}
+    table = (selfcleanse_run / "report" / "summary.md").read_text()
+    assert f"| flagged in the last round | {last['cleanse']['flagged']} |" in table
+    assert f"{last['test_dice']:.4f}" in table
+
+
+def test_gmm_input_groups_follow_the_noise_card_by_sample_id(selfcleanse_run):
+    card = json.loads((selfcleanse_run / "noise_card.json").read_text())
+    noisy_ids = {r["id"] for r in card["records"] if r["noisy"]}
+    assert 0 < len(noisy_ids) < len(card["records"])
+    rounds = read_rounds(selfcleanse_run)
+    assert sorted(rounds) == [1, 2]
+    expected = {"clean": [], "noisy": []}
+    for epoch in (1, 2):
+        arrays = np.load(selfcleanse_run / "dynamics" / f"epoch_{epoch:04d}.npz")
+        noisy = np.isin(arrays["idx"], list(noisy_ids))
+        expected["clean"].append(np.median(arrays["lfm_input"][~noisy]))
+        expected["noisy"].append(np.median(arrays["lfm_input"][noisy]))
+    quartiles = gmm_input_quartiles(rounds, noise_truth(card))
+    for name in ("clean", "noisy"):
+        np.testing.assert_allclose(quartiles[name][:, 1], expected[name], rtol=1e-6)
+    # Slices stored in another order are still grouped by their id, not their position.
+    order = np.random.default_rng(0).permutation(len(rounds[1]["idx"]))
+    shuffled = {epoch: {k: v[order] for k, v in a.items()} for epoch, a in rounds.items()}
+    shuffled_quartiles = gmm_input_quartiles(shuffled, noise_truth(card))
+    for name in ("clean", "noisy"):
+        np.testing.assert_allclose(shuffled_quartiles[name], quartiles[name])
+
+
+def test_without_a_noise_card_the_losses_form_one_group(selfcleanse_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(selfcleanse_run, workdir, ignore=shutil.ignore_patterns("report"))
+    (workdir / "noise_card.json").unlink()
+    rounds = read_rounds(workdir)
+    assert list(gmm_input_quartiles(rounds, noise_truth(None))) == ["all"]
+    result = make_report(workdir, tmp_path / "out")
+    assert (tmp_path / "out" / "losses.png").is_file()
+    assert result["summary"]["skipped"] == ["clean/noisy split: no noise_card.json"]
+
+
+def test_a_run_without_dynamics_skips_only_the_losses_plot(train_run, tmp_path):
+    workdir = train_run("no_dynamics", method="selfcleanse", **{"train.record_dynamics": False})
+    assert not (workdir / "dynamics").exists()
+    result = make_report(workdir, tmp_path)
+    names = [path.rsplit("/", 1)[-1] for path in result["files"]]
+    assert names == ["curves.png", "lfm.png", "summary.md"]
+    _assert_images(result["files"][:2])
+    skipped = result["summary"]["skipped"]
+    assert skipped == ["losses.png: no dynamics files (train.record_dynamics was off)"]
+    assert skipped[0] in (tmp_path / "summary.md").read_text()
+
+
+def test_a_baseline_run_gets_curves_and_summary_only(train_run, tmp_path):
+    workdir = train_run("baseline", method="baseline")
+    result = make_report(workdir, tmp_path)
+    assert result["files"] == [str(tmp_path / "curves.png"), str(tmp_path / "summary.md")]
+    _assert_images(result["files"][:1])
+    summary = result["summary"]
+    assert summary["cleansing_rounds"] == 0 and "last_flagged" not in summary
+    assert summary["final_test_dice"] == _records(workdir)[-1]["test_dice"]
+
+
+def test_a_folder_that_is_not_a_run_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl") as error:
+        make_report(tmp_path)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        make_report(tmp_path)
+    assert not (tmp_path / "report").exists()
