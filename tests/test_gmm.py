@@ -77,6 +77,25 @@ def test_split_is_scale_invariant_and_backends_agree(mixture):
     assert 0.0 < results[0].fit.means[0] < results[0].fit.means[1] < 1.0  # normalised units
 
 
+@pytest.mark.parametrize("backend", ["jax", "sklearn"])
+def test_highest_losses_stay_noisy_when_the_clean_component_is_wider(backend):
+    rng = np.random.default_rng(3)
+    clean = rng.normal(0.3, 0.12, 600)
+    noisy = rng.normal(0.75, 0.015, 300)
+    x = np.concatenate([clean, noisy, [1.3, 1.4]])  # two losses far above both components
+    result = split_clean_noisy(x, backend=backend)
+    fit = result.fit
+    assert fit.variances[0] > fit.variances[1]  # the case this guards against
+    raw = np.asarray(fit.clean_prob)
+    assert raw[-1] > 0.5 > raw[600 + np.argmin(np.abs(noisy - 0.75))]  # the posterior turns up
+    order = np.argsort(x)
+    above = order[result.normalised[order] > fit.means[0]]
+    assert np.all(np.diff(result.clean_prob[above]) <= 0)
+    assert result.noisy[-2:].all()
+    below = result.normalised <= fit.means[0]
+    np.testing.assert_array_equal(result.clean_prob[below], raw[below].astype(np.float32))
+
+
 DEGENERATE = {
     "constant": np.full(6, 0.37),
     "one": np.array([0.5]),

@@ -303,6 +303,23 @@ def fit_gmm_sklearn(
 # ------------------------------------------------------------------------------ entry point
 
 
+def monotone_above_clean_mean(
+    clean_prob: np.ndarray, normalised: np.ndarray, clean_mean: float
+) -> np.ndarray:
+    """Clean probabilities that never rise with the loss above the clean component's mean.
+
+    When the clean component is the wider one, its tail outgrows the noisy component's and
+    the posterior would call the highest losses clean again; each slice above the clean mean
+    is capped by the clean probability of every lower-loss slice there. Below the mean, and
+    whenever the noisy component is the wider one, nothing changes.
+    """
+    out = np.array(clean_prob, np.float32, copy=True)
+    upper = np.flatnonzero(normalised > clean_mean)
+    order = upper[np.argsort(normalised[upper], kind="stable")]
+    out[order] = np.minimum.accumulate(out[order])
+    return out
+
+
 def split_clean_noisy(
     losses: ArrayLike,
     *,
@@ -316,7 +333,9 @@ def split_clean_noisy(
     """Split samples into clean and noisy from their per-sample losses (N,).
 
     Min-max normalises the losses, fits the two-component mixture with `backend` ("jax" or
-    "sklearn"; `seed` is used by sklearn only) and flags `clean_prob < tau` as noisy.
+    "sklearn"; `seed` is used by sklearn only), takes the clean component's posterior made
+    non-increasing above its mean (`monotone_above_clean_mean`) and flags `clean_prob < tau`
+    as noisy.
     Degenerate input marks every sample clean and explains why in `message`; an unknown
     backend or a non-1-D input raises ValueError.
     """
@@ -348,6 +367,8 @@ def split_clean_noisy(
                 normalised, reg_covar=reg_covar, max_iter=max_iter, tol=tol, seed=seed
             )
     clean_prob = np.asarray(fit.clean_prob, np.float32)
+    if not bool(fit.degenerate):
+        clean_prob = monotone_above_clean_mean(clean_prob, normalised, float(fit.means[0]))
     message = ""
     if bool(fit.degenerate):
         message = f"LFM ({backend}): {fit.reason}; all {x.size} samples marked clean"
