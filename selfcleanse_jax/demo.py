@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_collections
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import train
+from selfcleanse_jax import report, train
 from selfcleanse_jax.config import METHODS, default_config
 from selfcleanse_jax.data.loading import load_dataset
 
@@ -93,7 +93,8 @@ def main(
     config: ml_collections.ConfigDict | None = None,
     noise_kinds: tuple[str, ...] = NOISE_KINDS,
 ) -> dict:
-    """Run the comparison; write `output/demo_results.json` and `.md`; print the table.
+    """Run the comparison; write `output/demo_results.json` and `.md`, and each run's report
+    (`output/NOISE_METHOD/report/`); print the table.
 
     `config` replaces `demo_config(quick)`; each run sets its own method and noise kind, one
     of `noise_kinds` (noise models or presets).
@@ -111,7 +112,9 @@ def main(
         run_config = ml_collections.ConfigDict(config.to_dict())
         run_config.method = method
         run_config.noise.kind = noise
-        summary = train.run(run_config, output / f"{noise}_{method}", dataset)
+        workdir = output / f"{noise}_{method}"
+        summary = train.run(run_config, workdir, dataset)
+        report.make_report(workdir)
         if method == "oracle":
             oracle = summary
         rows.append(_row(noise, summary))

@@ -40,6 +40,10 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
     table = (tmp_path / "demo_results.md").read_text().splitlines()
     assert len(table) == 2 + len(saved["rows"])
     assert saved["seconds"] > 0
+    for run in ("boundary_baseline", "boundary_selfcleanse", "missing_filter", "boundary_oracle"):
+        summary = (tmp_path / run / "report" / "summary.md").read_text()
+        assert f"| method | {run.split('_')[1]} |" in summary
+    assert (tmp_path / "missing_selfcleanse" / "report" / "losses.png").is_file()
 
 
 def test_demo_command_line_overrides_are_typed_and_checked():
