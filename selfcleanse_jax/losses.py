@@ -22,12 +22,16 @@ def per_sample_loss(
     *,
     dice_weight: float = 1.0,
     smooth: float = 1.0,
+    dice_targets: jax.Array | None = None,
 ) -> jax.Array:
     """One loss per sample from logits and target probabilities (B, H, W, K), mask (B, H, W).
 
     Cross-entropy is averaged over unmasked pixels; soft Dice is averaged over the foreground
     classes 1..K-1 with additive smoothing, so a class absent from both target and prediction
-    scores close to 1 instead of 0/0.
+    scores close to 1 instead of 0/0. `dice_targets` (default `targets`) gives the Dice term
+    its own targets: soft Dice against a soft target is not minimised by predicting that
+    target (it pays to drop pixels of low target probability), so soft pseudo-labels keep
+    hard ones for the Dice term.
     """
     logits = logits.astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -36,7 +40,7 @@ def per_sample_loss(
     ce = jnp.sum(pixel_ce, axis=spatial) / jnp.maximum(jnp.sum(mask, axis=spatial), 1.0)
 
     probs = jnp.exp(log_probs)[..., 1:] * mask[..., None]
-    fg_targets = targets[..., 1:]
+    fg_targets = (targets if dice_targets is None else dice_targets)[..., 1:]
     intersection = jnp.sum(probs * fg_targets, axis=spatial)
     total = jnp.sum(probs, axis=spatial) + jnp.sum(fg_targets, axis=spatial)
     dice = (2.0 * intersection + smooth) / (total + smooth)

@@ -82,9 +82,12 @@ def _pmean(x, axis_name: str | None):
 
 
 def _batch_targets(batch: dict, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """Targets (B, H, W, K) and pixel mask; with soft targets, (B, H, W, 2K): the soft targets
+    (for cross-entropy) then the hard labels' one-hot (for Dice), resampled together."""
     targets, mask = label_targets(batch["target"], num_classes)
     if "soft_target" in batch:
-        targets = batch["soft_target"].astype(jnp.float32) * mask[..., None]
+        soft = batch["soft_target"].astype(jnp.float32) * mask[..., None]
+        targets = jnp.concatenate([soft, targets], axis=-1)
     return targets, mask
 
 
@@ -112,11 +115,21 @@ def train_step(
     weights = batch["weight"].astype(jnp.float32)
     global_batch = _psum(jnp.asarray(weights.shape[0], jnp.float32), axis_name)
 
+    dice_targets = None
+    if targets.shape[-1] > config.num_classes:
+        targets, dice_targets = jnp.split(targets, 2, axis=-1)
+
     def loss_fn(params):
         # Fresh BatchStat variables at this trace level, so BatchNorm may update them.
         batch_stats = jax.tree.map(lambda v: v, state.batch_stats)
         model = nnx.merge(graphdef, params, batch_stats)
-        losses = per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
+        losses = per_sample_loss(
+            model(images),
+            targets,
+            mask,
+            dice_weight=config.dice_weight,
+            dice_targets=dice_targets,
+        )
         new_stats = nnx.state(model, nnx.BatchStat)
         return jnp.sum(weights * losses) / global_batch, (losses, new_stats)
 

@@ -178,3 +178,41 @@ def test_lfm_loss_weights_the_dice_term_on_its_own():
     np.testing.assert_allclose(eval_losses(lfm_dice_weight=0.0), ce_only, rtol=1e-6)
     np.testing.assert_allclose(eval_losses(dice_weight=0.0, lfm_dice_weight=1.0), eval_losses())
     assert np.all(eval_losses() > ce_only)
+
+
+def test_soft_targets_give_cross_entropy_and_hard_labels_give_dice():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+    hard, mask = label_targets(rng.integers(0, 3, (3, 8, 8)), 3)
+    soft = rng.dirichlet(np.ones(3), (3, 8, 8)).astype(np.float32)
+
+    def loss(targets, **kwargs):
+        return np.asarray(per_sample_loss(logits, targets, mask, **kwargs))
+
+    dice_of_hard = loss(hard) - loss(hard, dice_weight=0.0)
+    np.testing.assert_allclose(
+        loss(soft, dice_targets=hard), loss(soft, dice_weight=0.0) + dice_of_hard, rtol=1e-5
+    )
+
+
+def test_train_step_takes_cross_entropy_from_soft_targets_and_dice_from_hard_labels():
+    batch = _batch()
+    hard, _ = label_targets(batch["target"], 3)
+    noisy = np.random.default_rng(1).dirichlet(np.ones(3), batch["target"].shape)
+    one_hot = {**batch, "soft_target": np.asarray(hard, np.float16)}
+    soft = {**batch, "soft_target": noisy.astype(np.float16)}
+
+    def first_losses(sample_batch, dice_weight):
+        config = StepConfig(
+            num_classes=3,
+            soft_targets=True,
+            dice_weight=dice_weight,
+            augment=AugmentConfig(enabled=False),
+        )
+        steps = Steps(MODEL, optax.sgd(0.1), config, parallel="none")
+        return np.asarray(steps.train(steps.init_state(0), sample_batch, jax.random.key(1))[1])
+
+    cross_entropy_change = first_losses(soft, 0.0) - first_losses(one_hot, 0.0)
+    np.testing.assert_allclose(
+        first_losses(soft, 1.0) - first_losses(one_hot, 1.0), cross_entropy_change, atol=1e-5
+    )
