@@ -116,7 +116,7 @@ def train_step(
     global_batch = _psum(jnp.asarray(weights.shape[0], jnp.float32), axis_name)
 
     dice_targets = None
-    if targets.shape[-1] > config.num_classes:
+    if "soft_target" in batch:  # resampled together with the hard one-hot, see _batch_targets
         targets, dice_targets = jnp.split(targets, 2, axis=-1)
 
     def loss_fn(params):
