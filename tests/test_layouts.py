@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from case_checks import assert_same_case
 
 from selfcleanse_jax.data.acdc import read_acdc, write_acdc
 from selfcleanse_jax.data.cases import Case
@@ -15,7 +16,7 @@ from selfcleanse_jax.data.layouts import (
     read_layout,
 )
 from selfcleanse_jax.data.lits import read_lits, write_lits
-from selfcleanse_jax.data.msd import affine_with_spacing, write_msd
+from selfcleanse_jax.data.msd import write_msd
 
 SHAPE = (12, 10, 3)
 SPACING = (1.5625, 1.25, 10.0)
@@ -35,19 +36,6 @@ def make_case(seed: int, max_label: int = 3, with_label: bool = True, name: str 
         spacing=SPACING,
         affine=affine,
     )
-
-
-def _assert_same(read: Case, original: Case) -> None:
-    np.testing.assert_array_equal(read.image, original.image)
-    assert read.image.dtype == np.float32
-    if original.label is None:
-        assert read.label is None
-    else:
-        np.testing.assert_array_equal(read.label, original.label)
-        assert read.label.dtype == np.uint8
-    np.testing.assert_allclose(read.spacing, SPACING, rtol=1e-6)
-    expected = affine_with_spacing(original.affine, original.spacing)
-    np.testing.assert_allclose(read.affine, expected, atol=1e-5)
 
 
 @pytest.fixture()
@@ -70,11 +58,11 @@ def test_acdc_reads_ed_es_frames_named_by_info_cfg(acdc_root):
         "patient002_ES",
     ]
     for read, original in zip(cases, [*train["patient001"], *train["patient002"]], strict=True):
-        _assert_same(read, original)
+        assert_same_case(read, original)
     test_cases = read_acdc(root, "test")
     assert [c.name for c in test_cases] == ["patient101_ED", "patient101_ES"]
     for read, original in zip(test_cases, test["patient101"], strict=True):
-        _assert_same(read, original)
+        assert_same_case(read, original)
 
 
 def test_acdc_info_cfg_decides_the_frames(acdc_root):
@@ -82,8 +70,8 @@ def test_acdc_info_cfg_decides_the_frames(acdc_root):
     info = root / "training" / "patient001" / "Info.cfg"
     info.write_text(info.read_text().replace("ED: 1", "ED: 12").replace("ES: 12", "ES: 1"))
     cases = read_acdc(root, "train")
-    _assert_same(cases[0], train["patient001"][1])
-    _assert_same(cases[1], train["patient001"][0])
+    assert_same_case(cases[0], train["patient001"][1])
+    assert_same_case(cases[1], train["patient001"][0])
 
 
 def test_acdc_patient_folders_directly_under_root_are_training(tmp_path):
@@ -91,7 +79,7 @@ def test_acdc_patient_folders_directly_under_root_are_training(tmp_path):
     root = write_acdc(tmp_path / "flat", patients, split_dir="", frames=(4, 10))
     cases, info = read_layout(root, "acdc", "train")
     assert [c.name for c in cases] == ["patient007_ED", "patient007_ES"]
-    _assert_same(cases[1], patients["patient007"][1])
+    assert_same_case(cases[1], patients["patient007"][1])
     assert info == DatasetInfo(["background", "RV", "myocardium", "LV"], "mri", "acdc")
     assert read_layout(root, "acdc", "test")[0] == []
     assert detect_layout(root) == "acdc"
@@ -113,7 +101,7 @@ def test_lits_reads_recursively_sorted_numerically(lits_root):
     cases = read_lits(root, "train")
     assert [c.name for c in cases] == ["volume-1", "volume-2", "volume-10"]
     for read, number in zip(cases, (1, 2, 10), strict=True):
-        _assert_same(read, originals[number])
+        assert_same_case(read, originals[number])
     test_cases, info = read_layout(root, "lits", "test")
     assert [c.name for c in test_cases] == ["test-volume-3"] and test_cases[0].label is None
     assert info == DatasetInfo(["background", "liver", "tumour"], "ct", "lits")

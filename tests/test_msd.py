@@ -7,9 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from case_checks import assert_same_case
 
 from selfcleanse_jax.data.cases import Case
-from selfcleanse_jax.data.msd import affine_with_spacing, msd_info, read_msd, write_msd
+from selfcleanse_jax.data.msd import msd_info, read_msd, write_msd
 
 LABELS = {0: "background", 1: "left", 2: "right"}
 
@@ -42,16 +43,7 @@ def test_roundtrip(dataset):
     read_test, _ = read_msd(root, "test")
     for original, read in zip(train + test, read_train + read_test, strict=True):
         assert read.name == original.name
-        np.testing.assert_array_equal(read.image, original.image)
-        assert read.image.dtype == np.float32
-        if original.label is None:
-            assert read.label is None
-        else:
-            np.testing.assert_array_equal(read.label, original.label)
-            assert read.label.dtype == np.uint8
-        np.testing.assert_allclose(read.spacing, original.spacing, rtol=1e-6)
-        expected = affine_with_spacing(original.affine, original.spacing)
-        np.testing.assert_allclose(read.affine, expected, atol=1e-5)
+        assert_same_case(read, original)
 
 
 def test_dataset_json_decathlon_dialect(dataset):
