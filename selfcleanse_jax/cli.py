@@ -14,7 +14,7 @@ EPILOG = """commands:
   demo     baseline vs filter vs selfcleanse vs oracle on the phantom
              [--quick] [--output DIR] [--config.KEY=VALUE ...]
   bench    throughput figures as JSON
-  phantom  write the synthetic cardiac phantom as an MSD-layout dataset
+  phantom  write a synthetic phantom (--kind cardiac|liver) as an MSD-layout dataset
   noise    corrupted copy of an MSD dataset: --input D --output D2 --kind K --rate R [--param K=V]
   gallery  PNG of the label-noise models on the phantom: --output PNG
   predict  segment volumes: --workdir RUN --input FILE_OR_DIR --output DIR [--tta]
@@ -162,8 +162,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_size=args.image_size,
         num_slices=args.slices,
+        kind=args.kind,
     )
-    print(f"wrote {args.cases} training and {args.test_cases} test cases to {root}")
+    print(f"wrote {args.cases} training and {args.test_cases} {args.kind} test cases to {root}")
     return 0
 
 
@@ -258,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     bench.set_defaults(func=cmd_bench)
 
-    ph = sub.add_parser("phantom", help="write the phantom as an MSD-layout dataset")
+    ph = sub.add_parser("phantom", help="write a phantom as an MSD-layout dataset")
     ph.add_argument("--output", required=True)
+    ph.add_argument(
+        "--kind", default="cardiac", choices=["cardiac", "liver"], help="cardiac MRI or liver CT"
+    )
     ph.add_argument("--cases", type=int, default=40, help="training cases")
     ph.add_argument("--test-cases", type=int, default=10)
     ph.add_argument("--seed", type=int, default=0)

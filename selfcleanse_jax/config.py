@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.test_fraction = 0.2  # held-out cases when the dataset has no labelled test split
     c.data.folds = 0  # k > 1: k-fold split of the training cases, fold `data.fold` validates
     c.data.fold = 0
+    c.data.phantom = "cardiac"  # without data.root: cardiac (MRI) or liver (CT) phantom
     c.data.phantom_train_cases = 40
     c.data.phantom_test_cases = 10
     c.data.phantom_slices = 8

@@ -116,11 +116,13 @@ def _empty_table(size: int) -> SliceTable:
 
 def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, DatasetInfo]:
     data = config.data
-    settings = PreprocessSettings.from_config(config, "mri")
+    chosen = phantom.get_phantom(data.get("phantom", "cardiac"))  # absent from older runs
+    settings = PreprocessSettings.from_config(config, chosen.modality.lower())
 
     def cases(numbers):
         return (
-            phantom.make_case(config.seed, n, data.image_size, data.phantom_slices) for n in numbers
+            chosen.make_case(config.seed, n, data.image_size, data.phantom_slices)
+            for n in numbers
         )
 
     train_cases = data.phantom_train_cases
@@ -128,7 +130,7 @@ def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
     return (
         cases_to_slices(cases(range(train_cases)), data.image_size, settings=settings),
         cases_to_slices(cases(test), data.image_size, settings=settings),
-        DatasetInfo([phantom.LABELS[k] for k in sorted(phantom.LABELS)], settings.modality, ""),
+        DatasetInfo([chosen.labels[k] for k in sorted(chosen.labels)], settings.modality, ""),
     )
 
 

@@ -16,11 +16,13 @@ wide), which makes the anatomy independent of ``image_size``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from selfcleanse_jax.data import liver_phantom
 from selfcleanse_jax.data.cases import Case
 from selfcleanse_jax.data.msd import write_msd
 
@@ -309,6 +311,28 @@ def make_cases(
     return [make_case(seed, i, image_size, num_slices) for i in range(num_cases)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+    """One embedded dataset: how to draw a case, its class names and its modality."""
+
+    make_case: Callable[[int, int, int, int], Case]  # (seed, case_number, size, slices)
+    labels: dict[int, str]
+    modality: str  # as dataset.json's modality: MRI | CT
+
+
+PHANTOMS: dict[str, Phantom] = {
+    "cardiac": Phantom(make_case, LABELS, "MRI"),
+    "liver": Phantom(liver_phantom.make_case, liver_phantom.LABELS, "CT"),
+}
+"""The embedded phantoms by name (`data.phantom`, `selfcleanse phantom --kind`)."""
+
+
+def get_phantom(kind: str) -> Phantom:
+    if kind not in PHANTOMS:
+        raise ValueError(f"unknown phantom {kind!r}; expected one of {sorted(PHANTOMS)}")
+    return PHANTOMS[kind]
+
+
 def write_phantom_dataset(
     output: Path,
     num_train: int,
@@ -316,18 +340,22 @@ def write_phantom_dataset(
     seed: int = 0,
     image_size: int = 128,
     num_slices: int = 8,
+    kind: str = "cardiac",
 ) -> Path:
-    """Write the phantom as an MSD-layout dataset at `output` and return that path.
+    """Write phantom `kind` as an MSD-layout dataset at `output` and return that path.
 
     Training cases are numbers 0 .. num_train-1, test cases follow them, so adding test cases
     never changes the training set.
     """
-    cases = make_cases(num_train + num_test, seed, image_size, num_slices)
+    phantom = get_phantom(kind)
+    cases = [
+        phantom.make_case(seed, n, image_size, num_slices) for n in range(num_train + num_test)
+    ]
     return write_msd(
         Path(output),
         cases[:num_train],
         cases[num_train:],
-        labels=LABELS,
-        modality="MRI",
-        name="selfcleanse_phantom",
+        labels=phantom.labels,
+        modality=phantom.modality,
+        name="selfcleanse_phantom" if kind == "cardiac" else f"selfcleanse_{kind}_phantom",
     )
