@@ -277,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     nz.add_argument(
         "--kind", required=True, help="noise model or preset, e.g. boundary, markov-expand"
     )
-    nz.add_argument("--rate", type=float, default=0.5, help="fraction of slices made noisy")
+    nz.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="fraction of slices made noisy (default: a protocol's own rate, else 0.5)",
+    )
     nz.add_argument("--seed", type=int, default=0)
     nz.add_argument(
         "--param",

@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.noise = ml_collections.ConfigDict()
     c.noise.kind = "boundary"  # none, a model of selfcleanse_jax.noise or a preset
-    c.noise.rate = 0.5
+    c.noise.rate = -1.0  # fraction of noisy slices; < 0: a protocol's own rate, else 0.5
     c.noise.seed = 0
     c.noise.params = ml_collections.ConfigDict()  # the noise model's parameters, e.g. radius
 

@@ -85,7 +85,74 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 """Named settings of a model, usable wherever a kind is: name -> (model, params). The `sc-*`
 presets are Spatial Correction's published settings (Yao et al., ICLR 2023, the table of its
 repository's README: JSRT lung/heart J1/J2, ISIC I2/I1, dilate/erode J3/I3), named by effect;
-the others are named by effect with this project's numbers (see README)."""
+the others are named by effect with this project's numbers (see README). `PROTOCOLS` are
+presets too."""
+
+STRUCTURE = "structure"
+"""`classes` value of the missing-structure protocols: resolved by `apply_noise` from the
+dataset's class names to the class whose name is in `STRUCTURE_NAMES`."""
+
+STRUCTURE_NAMES = ("tumour", "tumor", "lesion", "cancer", "right ventricle", "rv")
+"""Class names (lower case) of the structure that annotators leave out, in order of
+preference: lesions where the dataset has them (LiTS, MSD liver, the liver phantom), else the
+right ventricle (ACDC, the cardiac phantom)."""
+
+_LEFT_OUT = {"unit": "class", "classes": STRUCTURE, "fill": "surrounding"}
+_BIASED_BOUNDARY = {"radius": (3, 5), "p_dilate": 0.8, "reference_size": 128}
+_SWEEP_MIX = {
+    "weights": {"boundary-dilate": 1.0, "boundary-erode": 1.0, "edge": 1.0},
+    "model_params": {
+        "boundary-dilate": {"radius": (3, 5)},
+        "boundary-erode": {"radius": (3, 5)},
+    },
+}
+
+PROTOCOLS: dict[str, tuple[str, dict[str, Any], float]] = {
+    "paper-b": ("boundary", _BIASED_BOUNDARY, 0.5),
+    "paper-b-70": ("boundary", _BIASED_BOUNDARY, 0.7),
+    "paper-l": ("missing", _LEFT_OUT, 0.5),
+    "paper-l-70": ("missing", _LEFT_OUT, 0.7),
+    **{f"sweep-{rate}": ("mixed", _SWEEP_MIX, rate) for rate in (0.3, 0.5, 0.7)},
+}
+"""Noise protocols that hurt, as published work uses them: name -> (model, params, rate).
+
+- `paper-b`, `paper-b-70` (the paper's B-model, inaccurate boundaries): half (70%) of the
+  slices have every structure dilated with probability 0.8, else eroded, by 3-5 px at 128 px;
+- `paper-l`, `paper-l-70` (the paper's L-model, missing labels): half (70%) of the slices that
+  show it lose one whole structure, the dataset's lesions or else its right ventricle
+  (`STRUCTURE_NAMES`), labelled as what surrounds it (a left-out tumour becomes liver);
+- `sweep-0.3`, `-0.5`, `-0.7` (confident learning's JSRT protocol, Zhang et al., MICCAI
+  2020): that fraction of the slices noisy, each one dilated, eroded (3-5 px at 128 px) or
+  given disks at edge points (`edge` defaults), with equal probability.
+
+The rate is the default of `noise.rate` for a protocol (`default_rate`); a rate given
+explicitly still applies."""
+
+PRESETS.update({name: (model, params) for name, (model, params, _) in PROTOCOLS.items()})
+
+DEFAULT_RATE = 0.5
+
+
+def default_rate(kind: str) -> float:
+    """The fraction of noisy slices `kind` stands for: a protocol's own, else `DEFAULT_RATE`."""
+    return PROTOCOLS[kind][2] if kind in PROTOCOLS else DEFAULT_RATE
+
+
+def resolve_rate(kind: str, rate: float) -> float:
+    """`rate` when it is given (>= 0), else the default of `kind` (`default_rate`)."""
+    return default_rate(kind) if rate is None or rate < 0 else float(rate)
+
+
+def structure_classes(class_names: list[str] | tuple[str, ...] | None) -> list[int]:
+    """The class a missing-structure protocol leaves out, from the dataset's class names."""
+    names = [str(n).strip().lower() for n in class_names or ()]
+    for wanted in STRUCTURE_NAMES:
+        if wanted in names[1:]:
+            return [names.index(wanted, 1)]
+    raise ValueError(
+        f"no class to leave out among the classes {list(class_names or ())}: name one with "
+        "--config.noise.params.classes=[K] (or --param classes=[K])"
+    )
 
 
 def model_of(kind: str) -> str:
@@ -213,12 +280,18 @@ def missing(
     rng: np.random.Generator,
     unit: str = "class",
     classes: list[int] | None = None,
+    fill: str = "background",
 ) -> NoiseResult:
-    """Missing label: one structure set to background, chosen uniformly among the foreground
-    classes present (`unit="class"`) or among their 8-connected components
-    (`unit="component"`), of the classes in `classes` (None: every class). A label without
-    any of them cannot be corrupted: e.g. `classes=[2]` with `unit="component"` on LiTS
-    leaves out one tumour of the slices that have one (missing lesions).
+    """Missing label: one structure left out, chosen uniformly among the foreground classes
+    present (`unit="class"`) or among their 8-connected components (`unit="component"`), of
+    the classes in `classes` (None: every class). A label without any of them cannot be
+    corrupted: e.g. `classes=[2]` with `unit="component"` on LiTS leaves out one tumour of
+    the slices that have one (missing lesions).
+
+    The left-out pixels become background (`fill="background"`) or, with
+    `fill="surrounding"`, take the label that surrounds each left-out component most (its
+    one-pixel outer rim): a tumour left out of a liver label becomes liver, as when an
+    annotator outlines the organ and misses the lesion in it.
     """
     classes = _select_classes(label, classes)
     if classes.size == 0:
@@ -235,8 +308,18 @@ def missing(
         remove = parts == k
     else:
         raise ValueError(f"missing: unit must be 'class' or 'component', got {unit!r}")
+    if fill not in ("background", "surrounding"):
+        raise ValueError(f"missing: fill must be 'background' or 'surrounding', got {fill!r}")
     out = label.copy()
     out[remove] = 0
+    if fill == "surrounding":
+        parts, count = ndimage.label(remove, structure=np.ones((3, 3), bool))
+        for k in range(1, count + 1):
+            part = parts == k
+            rim = ndimage.binary_dilation(part, structure=np.ones((3, 3), bool)) & ~remove
+            around = label[rim]
+            around = around[around != IGNORE_INDEX]
+            out[part] = np.bincount(around).argmax() if around.size else 0
     return out, {"unit": unit, "class": cls, "size": int(remove.sum())}
 
 
@@ -502,7 +585,11 @@ def dice_per_class(noisy: np.ndarray, clean: np.ndarray) -> dict[int, float]:
 
 @dataclasses.dataclass
 class NoiseRealisation:
-    """One realisation of label noise over a set of samples, and its noise card."""
+    """One realisation of label noise over a set of samples, and its noise card.
+
+    The summary's `label_damage` is what the noise does to the corrupted labels: their mean
+    Dice to the clean ones, and their foreground area over the clean foreground area.
+    """
 
     noisy_labels: np.ndarray  # (N, H, W) uint8
     is_noisy: np.ndarray  # (N,) bool, True where the label really differs from the clean one
@@ -523,6 +610,7 @@ class NoiseRealisation:
             scores = [r["dice"][str(c)] for r in noisy if str(c) in r["dice"]]
             per_class[str(c)] = float(np.mean(scores)) if scores else None
         mean_dice = [r["dice_noisy_vs_clean"] for r in noisy]
+        clean_area = sum(r["area_clean"] for r in noisy)
         return {
             "num_samples": len(self.records),
             "num_noisy": len(noisy),
@@ -533,6 +621,12 @@ class NoiseRealisation:
             "mean_pixels_changed": (
                 float(np.mean([r["pixels_changed"] for r in noisy])) if noisy else 0.0
             ),
+            "label_damage": {
+                "dice": float(np.mean(mean_dice)) if mean_dice else None,
+                "area_ratio": (
+                    sum(r["area_noisy"] for r in noisy) / clean_area if clean_area else None
+                ),
+            },
         }
 
     def to_json(self) -> str:
@@ -579,6 +673,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _foreground_area(label: np.ndarray) -> int:
+    return int(np.sum((label > 0) & (label != IGNORE_INDEX)))
+
+
 def _corrupt_one(
     label: np.ndarray,
     sample_id: int,
@@ -588,18 +686,20 @@ def _corrupt_one(
     rate: float,
     seed: int,
     params: dict[str, Any],
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """One sample's realisation, from (seed, sample_id, params) alone: (label, record)."""
+) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """One sample's draw u and realisation, from (seed, sample_id, params) alone:
+    (u, label, record). It is corrupted when u < rate (rate None: whenever it can be)."""
     record = _clean_record(sample_id, kind)
     if kind == "none":
-        return label, record
+        return 1.0, label, record
     rng = np.random.default_rng([seed, sample_id])
-    if rng.random() >= rate:
-        return label, record
+    u = float(rng.random())
+    if rate is not None and u >= rate:
+        return u, label, record
     result = NOISE_MODELS[base](label, rng, **params)
     if result is None:
         record["uncorruptible"] = "nothing to corrupt (no foreground of the selected classes)"
-        return label, record
+        return u, label, record
     noisy, drawn = result
     changed = int(np.sum(noisy != label))
     record["model"] = str(drawn.get("model", base)) if base == "mixed" else base
@@ -607,14 +707,35 @@ def _corrupt_one(
     record["pixels_changed"] = changed
     if changed == 0:
         record["uncorruptible"] = "corruption changed no pixel"
-        return label, record
+        return u, label, record
     dice = dice_per_class(noisy, label)
     record.update(
         noisy=True,
+        area_clean=_foreground_area(label),
+        area_noisy=_foreground_area(noisy),
         dice={str(c): d for c, d in dice.items()},
         dice_noisy_vs_clean=float(np.mean(list(dice.values()))),
     )
-    return noisy.astype(np.uint8), record
+    return u, noisy.astype(np.uint8), record
+
+
+def _keep_exact_share(
+    results: list[tuple[float, np.ndarray, dict[str, Any]]],
+    labels: np.ndarray,
+    rate: float,
+    kind: str,
+) -> list[tuple[float, np.ndarray, dict[str, Any]]]:
+    """Of the samples that could be corrupted, keep the round(rate * count) with the
+    smallest draws u corrupted and give the others back their clean label."""
+    eligible = [i for i, (_, _, record) in enumerate(results) if record["noisy"]]
+    count = int(np.floor(rate * len(eligible) + 0.5))
+    keep = set(sorted(eligible, key=lambda i: results[i][0])[:count])
+    return [
+        (u, noisy, record)
+        if i in keep or not record["noisy"]
+        else (u, labels[i], _clean_record(record["id"], kind))
+        for i, (u, noisy, record) in enumerate(results)
+    ]
 
 
 def apply_noise(
@@ -626,14 +747,19 @@ def apply_noise(
     params: Mapping[str, Any] | None = None,
     ids: np.ndarray | None = None,
     workers: int = 1,
+    class_names: list[str] | tuple[str, ...] | None = None,
 ) -> NoiseRealisation:
     """Corrupt about `rate` of the (N, H, W) labels with noise model or preset `kind`
     ("none": no-op); `params` override the model's (or preset's) defaults. `workers` threads
-    share the samples; the result does not depend on their number.
+    share the samples; the result does not depend on their number. `class_names` (index 0
+    the background) resolve `classes="structure"` (`structure_classes`).
 
     Sample i uses ``default_rng([seed, ids[i]])`` (ids default to 0..N-1): it is corrupted iff
     its first draw u < rate and the model can corrupt it; labels without foreground stay clean
-    and their record says so ("uncorruptible").
+    and their record says so ("uncorruptible"). A protocol (`PROTOCOLS`) corrupts exactly
+    round(rate * M) of the M samples the model can corrupt, those with the smallest u: its
+    fraction is the published one on any number of samples, while each sample's corruption
+    still depends only on (seed, id, params) and a higher rate only adds noisy samples.
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
@@ -652,8 +778,16 @@ def apply_noise(
     base, resolved = ("none", {}) if kind == "none" else _resolve(kind, params)
     if kind == "none" and params:
         raise ValueError(f"noise kind 'none' takes no params, got {dict(params)}")
+    if resolved.get("classes") == STRUCTURE:
+        resolved["classes"] = structure_classes(class_names)
+    exact = kind in PROTOCOLS
     corrupt = functools.partial(
-        _corrupt_one, kind=kind, base=base, rate=rate, seed=seed, params=resolved
+        _corrupt_one,
+        kind=kind,
+        base=base,
+        rate=None if exact else rate,
+        seed=seed,
+        params=resolved,
     )
     pairs = zip(labels, (int(s) for s in ids), strict=True)
     if workers > 1:
@@ -661,8 +795,10 @@ def apply_noise(
             results = list(pool.map(lambda pair: corrupt(*pair), pairs))
     else:
         results = [corrupt(*pair) for pair in pairs]
-    records = [record for _, record in results]
-    noisy_labels = np.stack([noisy for noisy, _ in results]) if results else labels.copy()
+    if exact:
+        results = _keep_exact_share(results, labels, rate, kind)
+    records = [record for _, _, record in results]
+    noisy_labels = np.stack([noisy for _, noisy, _ in results]) if results else labels.copy()
     is_noisy = np.array([record["noisy"] for record in records], bool)
     return NoiseRealisation(
         noisy_labels=noisy_labels,

@@ -37,11 +37,13 @@ def corrupt_dataset(
     input_root: Path,
     output_root: Path,
     kind: str,
-    rate: float,
+    rate: float | None,
     seed: int,
     params: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a copy of the MSD dataset `input_root` at `output_root` with noisy training labels.
+
+    `rate` None (or negative) takes the default of `kind` (a protocol's own rate).
 
     The copy holds everything of the input (dataset.json, imagesTr, imagesTs, labelsTs, ...)
     byte for byte, except `labelsTr/`, whose volumes are corrupted slice by slice (see the
@@ -53,7 +55,7 @@ def corrupt_dataset(
     """
     import nibabel as nib
 
-    from selfcleanse_jax.data.msd import read_msd
+    from selfcleanse_jax.data.msd import msd_info, read_msd
 
     input_root, output_root = Path(input_root), Path(output_root)
     if output_root.exists() and (not output_root.is_dir() or any(output_root.iterdir())):
@@ -62,7 +64,11 @@ def corrupt_dataset(
         raise ValueError(f"{output_root}: output must differ from the input")
     cases, description = read_msd(input_root, "train")
     num_classes = _num_classes(description, cases)
+    class_names = msd_info(description, input_root / "dataset.json")[0]
+    rate = noise.resolve_rate(kind, rate)
     resolved = {} if kind == "none" else noise.resolve_params(kind, params)
+    if resolved.get("classes") == noise.STRUCTURE:
+        resolved["classes"] = noise.structure_classes(class_names)
 
     realisations = []
     start = 0
@@ -70,7 +76,7 @@ def corrupt_dataset(
         volume = np.moveaxis(np.asarray(case.label), -1, 0)  # (Z, H, W)
         ids = np.arange(start, start + len(volume))
         realisations.append(
-            noise.apply_noise(volume, kind, rate, seed, num_classes, params=params, ids=ids)
+            noise.apply_noise(volume, kind, rate, seed, num_classes, params=resolved, ids=ids)
         )
         start += len(volume)
 

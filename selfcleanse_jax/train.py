@@ -29,7 +29,7 @@ from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
 from selfcleanse_jax.models.unet import UNetConfig
-from selfcleanse_jax.noise import apply_noise
+from selfcleanse_jax.noise import apply_noise, resolve_rate
 from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 
 log = logging.getLogger(__name__)
@@ -212,10 +212,11 @@ class Trainer:
         self.noise = apply_noise(
             train.labels,
             config.noise.kind,
-            config.noise.rate,
+            resolve_rate(config.noise.kind, config.noise.rate),
             config.noise.seed,
             self.num_classes,
             params=config.noise.params.to_dict(),
+            class_names=self.dataset.class_names,
         )
         if config.method == "oracle" and config.noise.kind == "none":
             log.info("oracle with noise.kind=none trains on the given labels")
