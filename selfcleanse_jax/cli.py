@@ -78,6 +78,12 @@ def _parse_train(argv: list[str]):
         flag_values=flag_values,
     )
     flags.DEFINE_boolean("debug", False, "Show tracebacks.", flag_values=flag_values)
+    flags.DEFINE_boolean(
+        "overwrite",
+        False,
+        "Start afresh in a workdir that holds a run of another config.",
+        flag_values=flag_values,
+    )
     try:
         flag_values(argv)
     except (flags.Error, KeyError, AttributeError) as e:
@@ -86,26 +92,31 @@ def _parse_train(argv: list[str]):
         raise UsageError("--config is required, e.g. --config configs/phantom.py")
     if not flag_values.workdir:
         raise UsageError("--workdir is required")
-    return _with_noise_params(flag_values.config, noise_params), flag_values.workdir
+    config = _with_noise_params(flag_values.config, noise_params)
+    return config, flag_values.workdir, flag_values.overwrite
 
 
 TRAIN_USAGE = """\
-usage: selfcleanse train --config FILE --workdir DIR [--config.KEY=VALUE ...] [--debug]
+usage: selfcleanse train --config FILE --workdir DIR [--config.KEY=VALUE ...] [--overwrite]
+                         [--debug]
 
 Train one model. FILE is a Python file whose get_config() returns an ml_collections
-ConfigDict (configs/phantom.py, configs/msd.py); every key of selfcleanse_jax/config.py can be
-overridden, e.g. --config.method=baseline --config.noise.kind=missing --config.train.epochs=20.
-Writes DIR/metrics.jsonl, DIR/noise_card.json and DIR/checkpoints/ (rerunning resumes)."""
+ConfigDict (configs/phantom.py, configs/msd.py); every key of selfcleanse_jax/config.py can
+be overridden, e.g. --config.method=baseline --config.noise.kind=paper-l
+--config.train.epochs=20. Writes DIR/config.json,
+DIR/metrics.jsonl, DIR/noise_card.json, DIR/checkpoints/ and, when done, DIR/summary.json.
+Rerunning the same command resumes an unfinished run and reports a finished one; a DIR
+holding another config is refused unless --overwrite."""
 
 
 def cmd_train(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):
         print(TRAIN_USAGE)
         return 0
-    config, workdir = _parse_train(argv)
+    config, workdir, overwrite = _parse_train(argv)
     from selfcleanse_jax import train
 
-    summary = train.run(config, workdir)
+    summary = train.run(config, workdir, overwrite=overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))
     return 0
 

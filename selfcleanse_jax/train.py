@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -119,13 +121,20 @@ def compiled_steps(
     return Steps(model, optimizer.build(), steps, parallel)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling, so a reader never sees half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _keep_records_before(path: Path, epoch: int) -> None:
     """Drop the records of `epoch` and later from a metrics file: a resumed run trains them
     again (a run can log epochs after its last checkpoint before it stops)."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
@@ -457,7 +466,7 @@ class Trainer:
         saved = config.copy_and_resolve_references()
         with saved.unlocked():
             saved.data.modality = self.dataset.modality
-        (self.workdir / "config.json").write_text(saved.to_json(indent=1) + "\n")
+        _write_atomic(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
         metrics_path = self.workdir / "metrics.jsonl"
         checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
         start = time.perf_counter()
@@ -488,7 +497,7 @@ class Trainer:
                 checkpointer.close()
         if "test_dice" not in record:
             record.update(self.evaluate_test())
-        return {
+        summary = {
             "method": config.method,
             "noise": config.noise.kind,
             "test_dice": record["test_dice"],
@@ -496,10 +505,118 @@ class Trainer:
             "cleanse": record.get("cleanse"),
             "seconds": time.perf_counter() - start,
         }
+        if jax.process_index() == 0:
+            _write_atomic(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+SUMMARY_FILE = "summary.json"
+"""Written last, atomically, when a run has trained all its epochs: the run's result."""
+
+RECORDS = ("config.json", "noise_card.json", "metrics.jsonl", SUMMARY_FILE)
+RECORD_DIRS = ("checkpoints", "dynamics", "report", "eval")
+
+NON_RESULT_KEYS = frozenset(
+    {
+        "progress",
+        "data.cache_dir",
+        "train.data_workers",
+        "train.checkpoint",
+        "train.checkpoint_every",
+        "train.eval_every",
+        "train.record_dynamics",
+    }
+)
+"""Config keys that cannot change a run's result: a folder may be asked again with others."""
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the values it leaves to defaults filled in (the noise rate), as a run
+    folder's `config.json` records it."""
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.noise.rate = resolve_rate(config.noise.kind, config.noise.rate)
+    return resolved
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "params":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return flat
+
+
+def config_differences(saved: dict, requested: dict) -> list[str]:
+    """Keys whose values differ between a run folder's config and a requested one, leaving
+    out `NON_RESULT_KEYS` and a modality the request leaves to the data (empty)."""
+    old, new = _flat(saved), _flat(requested)
+    differing = []
+    for key in sorted(set(old) | set(new)):
+        if key in NON_RESULT_KEYS or (key == "data.modality" and not new.get(key)):
+            continue
+        if old.get(key) != new.get(key):
+            differing.append(key)
+    return differing
+
+
+def _clear_run(workdir: Path) -> None:
+    for name in RECORDS:
+        (workdir / name).unlink(missing_ok=True)
+    for name in RECORD_DIRS:
+        shutil.rmtree(workdir / name, ignore_errors=True)
+
+
+def prepare_workdir(
+    config: ml_collections.ConfigDict, workdir: Path, overwrite: bool = False
+) -> dict | None:
+    """Make `workdir` ready for `config`: the finished run's summary when it already holds
+    this run, else None (a new or resumable run).
+
+    A folder holding a run of another config is refused (ValueError naming the differing
+    keys) unless `overwrite`, which clears its records to start afresh.
+    """
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        saved = {}
+    differing = config_differences(saved, config.to_dict())
+    if differing and not overwrite:
+        shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+        raise ValueError(
+            f"{workdir}: holds a run with another config (differs in {shown}); "
+            "choose a new --workdir or pass --overwrite to start afresh"
+        )
+    if differing:
+        log.info("%s: another config (%s), starting afresh", workdir, ", ".join(differing))
+        _clear_run(workdir)
+        return None
+    summary_path = workdir / SUMMARY_FILE
+    if summary_path.is_file():
+        log.info("%s: this run has finished; reporting it from its records", workdir)
+        return {**json.loads(summary_path.read_text()), "reused": True}
+    return None
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str | Path, dataset: Dataset | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    dataset: Dataset | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Train one model as configured; return the summary of the final epoch."""
+    """Train one model as configured into `workdir`; return the summary of the final epoch.
+
+    A folder that already holds this run's finished records is reported from them
+    (`reused` true) and one holding an unfinished run resumes; one holding another config is
+    refused unless `overwrite` (see `prepare_workdir`).
+    """
+    config = resolved_config(config)
+    workdir = Path(workdir)
+    finished = prepare_workdir(config, workdir, overwrite)
+    if finished is not None:
+        return finished
     return Trainer(config, workdir, dataset).run()

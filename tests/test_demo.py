@@ -60,7 +60,7 @@ def test_demo_command_line_overrides_are_typed_and_checked():
 
 
 def test_noise_parameters_pass_through_the_command_line():
-    config, _ = cli._parse_train(
+    config, _, _ = cli._parse_train(
         [
             "--config",
             str(Path(__file__).parents[1] / "configs/phantom.py"),

@@ -315,3 +315,44 @@ def test_ema_teacher_drives_the_lfm_and_survives_a_checkpoint(tmp_path, tiny_dat
         jax.tree.leaves(restored.teacher), jax.tree.leaves(template.teacher), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    """Same config: a finished run is reported from its records; another config is refused
+    in one line unless --overwrite, which trains afresh."""
+    args = ["train", "--config", "configs/phantom.py", "--workdir", str(tmp_path / "run")]
+    args += ["--config.train.epochs=1", "--config.method=baseline", *TINY]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_dice"] == json.loads(first.stdout)["test_dice"]
+
+    again = _cli(*args, "--config.progress=True")  # a key that cannot change the result
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["reused"] is True
+    assert "has finished" in again.stderr
+
+    changed = _cli(*args, "--config.train.learning_rate=0.01", "--config.noise.kind=paper-b")
+    assert changed.returncode == 1
+    message = changed.stderr.strip().splitlines()
+    assert len(message) == 1 and "noise.kind, train.learning_rate" in message[0]
+    assert "--overwrite" in message[0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+    afresh = _cli(*args, "--config.noise.kind=paper-b", "--overwrite")
+    assert afresh.returncode == 0, afresh.stderr
+    assert "reused" not in json.loads(afresh.stdout)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["noise"]["kind"] == "paper-b" and saved["noise"]["rate"] == 0.5
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_config_differences_skip_what_cannot_change_the_result():
+    saved = tiny_config().to_dict()
+    requested = tiny_config(**{"progress": True, "train.eval_every": 1}).to_dict()
+    assert train.config_differences(saved, requested) == []
+    saved["data"]["modality"] = "mri"  # filled in by the run, left empty in the request
+    assert train.config_differences(saved, requested) == []
+    requested["noise"]["params"] = {"radius": [2, 4]}
+    requested["cleanse"]["kappa"] = 0.5
+    assert train.config_differences(saved, requested) == ["cleanse.kappa", "noise.params"]
