@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
-from selfcleanse_jax.cleansing.lcm import cleanse_batch
+from selfcleanse_jax.cleansing.lcm import cleanse_batch, keep_given_structures
 from selfcleanse_jax.losses import label_targets, per_sample_loss
 from selfcleanse_jax.models.unet import UNet, UNetConfig
 
@@ -60,6 +60,7 @@ class StepConfig:
     flip_average: bool = False
     teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
     lfm_dice_weight: float | None = None  # Dice weight of the eval (LFM) loss; None: dice_weight
+    keep_structures: float = 0.0  # > 0: a pseudo-label keeping less of a drawn class keeps it
 
 
 def init_model(
@@ -181,8 +182,10 @@ def eval_step(
 
 def cleanse_step(
     state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
-) -> tuple[jax.Array, jax.Array | None]:
-    """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """LCM on device: pseudo-labels (B, H, W) uint8, with soft targets on (B, H, W, K), and
+    which given classes 1..K-1 each sample's pseudo-label kept (B, K-1) bool
+    (`keep_given_structures`; all False when `config.keep_structures` is 0).
 
     batch: image, target (the given label) and clean_prob (B,) from the LFM. The probabilities
     come from the EMA teacher when there is one.
@@ -201,7 +204,11 @@ def cleanse_step(
         temperature=config.temperature,
         morph_radius=config.morph_radius,
     )
-    return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
+    keep = functools.partial(
+        keep_given_structures, num_classes=config.num_classes, fraction=config.keep_structures
+    )
+    hard, restored = jax.vmap(keep)(hard, batch["target"])
+    return hard.astype(jnp.uint8), (soft if config.soft_targets else None), restored
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
@@ -362,7 +369,9 @@ class Steps:
 
     def cleanse(
         self, state: TrainState, batch: dict[str, np.ndarray]
-    ) -> tuple[jax.Array, jax.Array | None]:
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """Pseudo-labels, soft targets (or None) and given-back classes (`cleanse_step`)."""
         batch, size = self.pad_batch(batch)
-        hard, soft = self._forward["cleanse"](state, self.put_batch(batch))
-        return self._flat(hard)[:size], None if soft is None else self._flat(soft)[:size]
+        hard, soft, restored = self._forward["cleanse"](state, self.put_batch(batch))
+        soft = None if soft is None else self._flat(soft)[:size]
+        return self._flat(hard)[:size], soft, self._flat(restored)[:size]

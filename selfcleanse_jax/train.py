@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from selfcleanse_jax import metrics
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import Checkpointer
-from selfcleanse_jax.cleansing.gmm import split_clean_noisy
+from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.config import METHODS, warmup_epochs
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
@@ -151,6 +151,7 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         flip_average=c.flip_average,
         teacher_decay=c.get("teacher_decay", 0.0),  # absent from older runs' config.json
         lfm_dice_weight=None if c.get("lfm_dice_weight", -1.0) < 0 else c.lfm_dice_weight,
+        keep_structures=c.get("keep_structures", 0.0),
     )
 
 
@@ -283,10 +284,16 @@ class Trainer:
             backend=c.gmm_backend,
             tau=c.tau,
             reg_covar=c.reg_covar,
+            normalise=c.lfm_normalise,
         )
         self.lfm_input = result.normalised
         if result.message:
             log.warning("epoch %d: %s", epoch, result.message)
+        split = separation(result.fit)
+        view = {
+            "separation": None if np.isnan(split) else split,
+            "status": "degenerate" if result.message else "ok",
+        }
         bank = self.bank
         bank.reset()
         if c.sticky:
@@ -294,15 +301,27 @@ class Trainer:
         else:
             bank.clean_prob[...] = result.clean_prob
         bank.flagged[...] = bank.clean_prob < c.tau
+        if split < c.min_separation:
+            view["status"] = "unseparated"
+            bank.flagged[...] = False
+            log.warning(
+                "epoch %d: the LFM's mixture does not split the losses into two groups "
+                "(separation %.2f < cleanse.min_separation %.2f): no slice flagged",
+                epoch,
+                split,
+                c.min_separation,
+            )
         ramp = min(1.0, (epoch - self.warmup + 1) / max(c.ramp_epochs, 1))
         flagged = np.flatnonzero(bank.flagged)
+        view["flagged_share"] = len(flagged) / len(bank.flagged)
         if self.config.method == "filter":
             bank.weights[flagged] = 0.0
         else:
             bank.weights[flagged] = c.weight * ramp
+            kept = np.zeros(self.num_classes - 1, np.int64)
             for idx in _in_batches(len(flagged), self.config.train.eval_batch_size):
                 members = flagged[idx]
-                hard, soft = self.steps.cleanse(
+                hard, soft, restored = self.steps.cleanse(
                     self.state,
                     {
                         "image": train.images[members],
@@ -311,14 +330,26 @@ class Trainer:
                     },
                 )
                 bank.targets[members] = np.asarray(hard)
+                kept += np.asarray(restored).sum(axis=0)
                 if soft is not None:
                     bank.soft[members] = np.asarray(soft, np.float16)
+            view["structures_kept"] = {
+                name: int(n) for name, n in zip(self.dataset.class_names[1:], kept, strict=True)
+            }
+            if kept.any():
+                log.warning(
+                    "epoch %d: the pseudo-labels would delete whole drawn structures of "
+                    "flagged slices (%s); they keep the given ones",
+                    epoch,
+                    ", ".join(f"{n} {k}" for k, n in view["structures_kept"].items() if n),
+                )
         record = {
             "flagged": int(len(flagged)),
             "gmm_means": [float(m) for m in np.asarray(result.fit.means)],
             "gmm_variances": [float(v) for v in np.asarray(result.fit.variances)],
             "gmm_weights": [float(w) for w in np.asarray(result.fit.weights)],
             "gmm_degenerate": bool(result.fit.degenerate),
+            "lfm_view": view,
         }
         if self.config.noise.kind != "none":
             record["detection"] = metrics.detection_metrics(

@@ -149,3 +149,38 @@ def test_valid_mask_excludes_entries(mixture, fits):
 def test_unknown_backend_raises():
     with pytest.raises(ValueError, match="backend"):
         split_clean_noisy(np.ones(3), backend="torch")
+
+
+def _clean_and_noisy_losses() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0.3, 0.05, 900), rng.normal(0.8, 0.08, 100)])
+    return x, np.r_[np.zeros(900, bool), np.ones(100, bool)]
+
+
+def test_robust_input_is_unmoved_by_one_extreme_loss():
+    x, is_noisy = _clean_and_noisy_losses()
+    plain = split_clean_noisy(x, normalise="quantile")
+    assert np.mean(plain.noisy == is_noisy) > 0.97
+    with_outlier = np.r_[x, 25.0]
+    robust = split_clean_noisy(with_outlier, normalise="quantile")
+    np.testing.assert_array_equal(robust.noisy[:-1], plain.noisy)
+    assert robust.noisy[-1]
+    assert robust.normalised.max() == 1.0 and robust.normalised[-1] == 1.0
+    # Min-max lets the one extreme loss hide every noisy slice.
+    minmax = split_clean_noisy(with_outlier, normalise="minmax")
+    assert minmax.noisy[:-1].sum() < 10
+
+
+def test_quantile_normalisation_falls_back_to_minmax_where_quantiles_meet():
+    x = np.r_[np.zeros(200), 1.0, 2.0]
+    np.testing.assert_allclose(gmm.normalise_losses(x, "quantile"), x / 2.0)
+    with pytest.raises(ValueError, match="normalisation"):
+        split_clean_noisy(x, normalise="rank")
+
+
+def test_separation_tells_two_groups_from_one():
+    x, _ = _clean_and_noisy_losses()
+    assert gmm.separation(split_clean_noisy(x).fit) > 4
+    one_group = np.random.default_rng(0).normal(0.5, 0.1, 1000)
+    assert gmm.separation(split_clean_noisy(one_group).fit) < 2
+    assert np.isnan(gmm.separation(split_clean_noisy(np.ones(5)).fit))

@@ -9,8 +9,8 @@ component is the clean probability w_i. Two backends give the same fit:
 
 Degenerate input (fewer than 2 samples, any NaN/inf, all values equal) never raises: the fit is
 marked `degenerate` and every sample gets clean probability 1. `split_clean_noisy` is the host
-entry point the training loop calls; it min-max normalises the losses, fits, thresholds and
-writes a log message when the input was degenerate.
+entry point the training loop calls; it normalises the losses (min-max, or robustly by
+quantiles), fits, thresholds and writes a log message when the input was degenerate.
 """
 
 from __future__ import annotations
@@ -302,6 +302,36 @@ def fit_gmm_sklearn(
 
 # ------------------------------------------------------------------------------ entry point
 
+NORMALISATIONS = ("minmax", "quantile")
+QUANTILES = (0.01, 0.99)
+"""`normalise="quantile"` maps these quantiles of the losses to 0 and 1 and clips."""
+
+
+def normalise_losses(x: np.ndarray, how: str = "minmax") -> np.ndarray:
+    """Losses mapped to [0, 1] for the mixture.
+
+    `minmax` maps the smallest loss to 0 and the largest to 1, so one extreme loss squeezes
+    every other into a sliver near 0 and the mixture gives the outlier a component of its
+    own. `quantile` maps the 1st and 99th percentiles to 0 and 1 and clips beyond them, so a
+    few extreme losses only join the highest ones (min-max where those quantiles coincide).
+    """
+    if how not in NORMALISATIONS:
+        raise ValueError(f"unknown LFM normalisation {how!r}; expected one of {NORMALISATIONS}")
+    lo, hi = (x.min(), x.max()) if how == "minmax" else np.quantile(x, QUANTILES)
+    if not hi > lo:
+        lo, hi = x.min(), x.max()
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def separation(fit: GMMFit) -> float:
+    """Ashman's D of a fitted mixture: the distance of the two means in units of their pooled
+    spread, sqrt(2) |m1 - m0| / sqrt(v0 + v1). Below about 2 the mixture does not split the
+    losses into two groups; NaN for a degenerate fit."""
+    if bool(fit.degenerate):
+        return float("nan")
+    means, variances = np.asarray(fit.means, float), np.asarray(fit.variances, float)
+    return float(np.sqrt(2.0) * abs(means[1] - means[0]) / np.sqrt(variances.sum()))
+
 
 def monotone_above_clean_mean(
     clean_prob: np.ndarray, normalised: np.ndarray, clean_mean: float
@@ -329,18 +359,21 @@ def split_clean_noisy(
     max_iter: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
+    normalise: str = "minmax",
 ) -> FilterResult:
     """Split samples into clean and noisy from their per-sample losses (N,).
 
-    Min-max normalises the losses, fits the two-component mixture with `backend` ("jax" or
-    "sklearn"; `seed` is used by sklearn only), takes the clean component's posterior made
-    non-increasing above its mean (`monotone_above_clean_mean`) and flags `clean_prob < tau`
-    as noisy.
+    Normalises the losses (`normalise_losses`), fits the two-component mixture with
+    `backend` ("jax" or "sklearn"; `seed` is used by sklearn only), takes the clean
+    component's posterior made non-increasing above its mean (`monotone_above_clean_mean`)
+    and flags `clean_prob < tau` as noisy.
     Degenerate input marks every sample clean and explains why in `message`; an unknown
     backend or a non-1-D input raises ValueError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown GMM backend {backend!r}; expected one of {BACKENDS}")
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"unknown LFM normalisation {normalise!r}; expected {NORMALISATIONS}")
     x = np.asarray(losses, np.float64)
     if x.ndim > 1:
         raise ValueError(f"losses must be 1-D (one per sample), got shape {x.shape}")
@@ -350,7 +383,7 @@ def split_clean_noisy(
     if reason:
         fit = _degenerate_fit(x, np.ones(x.shape, bool), reg_covar, reason)
     else:
-        normalised = (x - x.min()) / (x.max() - x.min())
+        normalised = normalise_losses(x, normalise)
         if backend == "jax":
             fit = jax.device_get(
                 fit_gmm_jax(

@@ -138,6 +138,27 @@ def cleanse_one(
     return hard, soft
 
 
+def keep_given_structures(
+    hard: jax.Array, given: jax.Array, num_classes: int, fraction: float
+) -> tuple[jax.Array, jax.Array]:
+    """Give back each foreground class of the given label that the pseudo-label all but
+    deletes: where the pseudo-label keeps less than `fraction` of the given label's pixels of
+    class c, those pixels keep c.
+
+    Annotators leave structures out, they do not draw ones that are not there: a pseudo-label
+    that deletes a drawn structure says more about the model (a class it has not learnt, or
+    has unlearnt under missing-structure noise) than about the label. Returns the label (H, W)
+    and which classes 1..K-1 were given back (K-1,) bool.
+    """
+    classes = jnp.arange(1, num_classes, dtype=jnp.int32)
+    drawn = given.astype(jnp.int32)[..., None] == classes
+    area = jnp.sum(drawn, axis=(0, 1))
+    kept = jnp.sum(drawn & (hard.astype(jnp.int32)[..., None] == classes), axis=(0, 1))
+    restored = (area > 0) & (kept < fraction * area)
+    give_back = jnp.any(drawn & restored, axis=-1)
+    return jnp.where(give_back, given.astype(hard.dtype), hard), restored
+
+
 @functools.partial(
     jax.jit, static_argnames=("kappa", "fallback", "temperature", "morph_radius", "fill_holes")
 )
