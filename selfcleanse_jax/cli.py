@@ -13,6 +13,8 @@ EPILOG = """commands:
              [--config.method=filter --config.train.epochs=5 ...]
   demo     baseline vs filter vs selfcleanse vs oracle on the phantom
              [--quick] [--output DIR] [--config.KEY=VALUE ...]
+  study    methods x noise protocols x phantoms x seeds: --output DIR [--quick]
+             [--datasets cardiac liver] [--protocols paper-b paper-l|all] [--seeds 0 1 2]
   bench    throughput figures as JSON
   phantom  write a synthetic phantom (--kind cardiac|liver) as an MSD-layout dataset
   noise    corrupted copy of an MSD dataset: --input D --output D2 --kind K --rate R [--param K=V]
@@ -152,6 +154,23 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfcleanse_jax import demo, study
+
+    config = _apply_overrides(demo.demo_config(args.quick), overrides)
+    protocols = study.ALL_PROTOCOLS if args.protocols == ["all"] else tuple(args.protocols)
+    study.main(
+        Path(args.output),
+        quick=args.quick,
+        config=config,
+        datasets=tuple(args.datasets),
+        protocols=protocols,
+        seeds=tuple(args.seeds),
+        methods=tuple(args.methods),
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from selfcleanse_jax import bench
 
@@ -265,6 +284,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise models or presets to compare under (default: boundary missing)",
     )
 
+    st = sub.add_parser(
+        "study",
+        help="methods x noise protocols x datasets x seeds, mean ± sd and paired differences "
+        "(any --config.KEY=VALUE applies)",
+    )
+    st.add_argument("--quick", action="store_true", help="small model and data: CPU-sized")
+    st.add_argument("--output", required=True, help="directory for study.json, study.md, runs/")
+    st.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["cardiac", "liver"],
+        metavar="D",
+        help="phantoms (cardiac, liver) or dataset folders (default: both phantoms)",
+    )
+    st.add_argument(
+        "--protocols",
+        nargs="+",
+        default=["paper-b", "paper-l"],
+        metavar="P",
+        help="noise protocols or kinds; 'all' for every protocol (default: paper-b paper-l)",
+    )
+    st.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S")
+    st.add_argument(
+        "--methods",
+        nargs="+",
+        default=["baseline", "filter", "selfcleanse", "oracle"],
+        choices=["baseline", "filter", "selfcleanse", "oracle"],
+        metavar="M",
+    )
+
     bench = sub.add_parser("bench", help="throughput figures")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
@@ -347,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = parser.parse_known_args(argv)
         if args.command == "demo":
             return cmd_demo(args, overrides)
+        if args.command == "study":
+            return cmd_study(args, overrides)
         if overrides:
             parser.error(f"unrecognised arguments: {' '.join(overrides)}")
         return args.func(args)
