@@ -2,8 +2,9 @@
 per class.
 
 `evaluate(workdir, split)` writes `WORKDIR/eval/metrics.json` (mean Dice and, per class, mean/std of
-Dice, IoU, HD95 and ASSD in mm plus the number of cases whose distances are undefined) and
-`WORKDIR/eval/per_case.csv`. Conventions are those of `metrics.case_metrics`: a class absent
+Dice, IoU and, in mm, HD95, ASSD, pooled HD95 and HD as `metrics.surface_distances` defines
+them, plus the number of cases whose distances are undefined) and `WORKDIR/eval/per_case.csv`
+(values at full precision). Conventions are those of `metrics.case_metrics`: a class absent
 from prediction and reference scores Dice = IoU = 1 and has no distances; a class in only one
 of them scores 0 and its distances count as missing (excluded from the distance means).
 """
@@ -28,7 +29,7 @@ from selfcleanse_jax.predict import TrainedModel, load_config, load_trained, seg
 from selfcleanse_jax.train import evaluate_losses
 
 SPLITS = ("val", "test")
-MEASURES = ("dice", "iou", "hd95", "assd")
+MEASURES = ("dice", "iou", *metrics.DISTANCES)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -136,7 +137,7 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
         writer.writerow(["case", "class", *MEASURES])
         for r in rows:
             writer.writerow(
-                [r["case"], r["class"], *("" if r[k] is None else f"{r[k]:.6g}" for k in MEASURES)]
+                [r["case"], r["class"], *("" if r[k] is None else repr(r[k]) for k in MEASURES)]
             )
         _write_atomic(out / "per_case.csv", text.getvalue())
     return result

@@ -1,4 +1,5 @@
-"""Host-side metrics: volume Dice per class, noisy-sample detection, pseudo-label quality.
+"""Host-side metrics: volume Dice and surface distances per class, noisy-sample detection,
+pseudo-label quality.
 
 Conventions: Dice of a class absent from both masks is 1.0 (nothing to find, nothing wrongly
 found); label values outside [0, K) (e.g. IGNORE_INDEX) belong to no class, so an ignored
@@ -86,6 +87,10 @@ def label_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
 # -- volume metrics with voxel geometry (evaluation of a trained model) ----------------------
 
 
+DISTANCES = ("hd95", "assd", "hd95_pooled", "hd")
+"""Surface-distance measures of `surface_distances`, in mm."""
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Boundary voxels of a binary mask: the mask minus its erosion (outside counts as empty)."""
     from scipy import ndimage
@@ -93,19 +98,47 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def surface_distances(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing
-) -> dict[str, float | None]:
-    """Symmetric surface distances in millimetres between two binary masks (2-D or 3-D).
-
-    Surfaces are the masks minus their erosions; the distance from every surface voxel of one
-    mask to the nearest surface voxel of the other is read from a Euclidean distance transform
-    with `sampling=spacing`. hd95 is the 95th percentile of both directed sets pooled; assd is
-    the mean of the two directed mean distances. Both are None when either mask is empty
-    (undefined).
-    """
+def _directed_distances(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each surface voxel of pred to the nearest one of ref, and of ref to
+    pred, on the bounding box of both masks rather than the whole volume: outside the box both
+    masks are empty, which is what the erosion assumes of the outside, and every surface voxel
+    lies inside it, so the distances are those of the whole volume."""
     from scipy import ndimage
 
+    union = pred_mask | ref_mask
+    box = []
+    for axis in range(union.ndim):
+        others = tuple(a for a in range(union.ndim) if a != axis)
+        present = np.flatnonzero(union.any(axis=others))
+        box.append(slice(present[0], present[-1] + 1))
+    pred_surface, ref_surface = _surface(pred_mask[tuple(box)]), _surface(ref_mask[tuple(box)])
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[ref_surface]
+    return to_ref, to_pred
+
+
+def surface_distances(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: tuple[float, ...] | list[float]
+) -> dict[str, float | None]:
+    """Surface distances in millimetres between two binary masks (2-D or 3-D).
+
+    Surfaces are the masks minus their erosions (face connectivity, outside the array counts
+    as empty); the distance from every surface voxel of one mask to the nearest surface voxel
+    of the other is read from a Euclidean distance transform with `sampling=spacing`, giving
+    the two directed sets d(pred->ref) and d(ref->pred). Then:
+
+    - hd95: the larger of the two directed 95th percentiles (MONAI's
+      `compute_hausdorff_distance(percentile=95)`);
+    - assd: the mean of both directed sets pooled (MONAI's
+      `compute_average_surface_distance(symmetric=True)`, medpy >= 0.5.2 `assd`);
+    - hd95_pooled: the 95th percentile of both sets pooled (medpy's `hd95`);
+    - hd: the largest distance (the Hausdorff distance: MONAI's
+      `compute_hausdorff_distance()`, medpy's `hd`).
+
+    All are None when either mask is empty (undefined).
+    """
     pred_mask, ref_mask = np.asarray(pred_mask, bool), np.asarray(ref_mask, bool)
     if pred_mask.shape != ref_mask.shape:
         raise ValueError(f"mask shapes differ: {pred_mask.shape} vs {ref_mask.shape}")
@@ -113,24 +146,26 @@ def surface_distances(
     if len(spacing) != pred_mask.ndim:
         raise ValueError(f"spacing {spacing} does not match a {pred_mask.ndim}-D mask")
     if not pred_mask.any() or not ref_mask.any():
-        return {"hd95": None, "assd": None}
-    pred_surface, ref_surface = _surface(pred_mask), _surface(ref_mask)
-    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)[pred_surface]
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[ref_surface]
+        return dict.fromkeys(DISTANCES)
+    to_ref, to_pred = _directed_distances(pred_mask, ref_mask, spacing)
+    pooled = np.concatenate([to_ref, to_pred])
     return {
-        "hd95": float(np.percentile(np.concatenate([to_ref, to_pred]), 95)),
-        "assd": float((to_ref.mean() + to_pred.mean()) / 2.0),
+        "hd95": float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95))),
+        "assd": float(pooled.mean()),
+        "hd95_pooled": float(np.percentile(pooled, 95)),
+        "hd": float(pooled.max()),
     }
 
 
 def case_metrics(
-    pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing
+    pred: np.ndarray, ref: np.ndarray, num_classes: int, spacing: tuple[float, ...] | list[float]
 ) -> dict[int, dict[str, float | bool | None]]:
-    """Dice, IoU, HD95 and ASSD (mm) of one case, for each foreground class 1..K-1.
+    """Dice, IoU and the surface distances of `surface_distances` (mm) of one case, for each
+    foreground class 1..K-1.
 
-    Returns {class: {dice, iou, hd95, assd, missing_distance}}. Conventions:
+    Returns {class: {dice, iou, hd95, assd, hd95_pooled, hd, missing_distance}}. Conventions:
 
-    - class in both masks: all four measured; missing_distance False;
+    - class in both masks: all measured; missing_distance False;
     - class absent from both: Dice 1, IoU 1, distances None and not counted
       (missing_distance False);
     - class in exactly one mask: Dice 0, IoU 0, distances None and counted as missing
@@ -148,7 +183,7 @@ def case_metrics(
         in_pred, in_ref = pred == c, ref == c
         n_pred, n_ref = int(in_pred.sum()), int(in_ref.sum())
         if n_pred == 0 and n_ref == 0:
-            result[c] = {"dice": 1.0, "iou": 1.0, "hd95": None, "assd": None}
+            result[c] = {"dice": 1.0, "iou": 1.0, **dict.fromkeys(DISTANCES)}
             result[c]["missing_distance"] = False
             continue
         inter = int(np.sum(in_pred & in_ref))

@@ -100,7 +100,10 @@ def test_evaluate_writes_metrics_and_per_case_rows(workdir):
     with (workdir / "eval" / "per_case.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == result["num_cases"] * len(names)
-    assert set(rows[0]) == {"case", "class", "dice", "iou", "hd95", "assd"}
+    measures = ["dice", "iou", "hd95", "assd", "hd95_pooled", "hd"]
+    assert list(rows[0]) == ["case", "class", *measures]
+    for name in names:
+        assert list(result["per_class"][name]) == [*measures, "missing_distances"]
 
 
 def test_evaluate_errors_name_the_path(tmp_path, workdir):
