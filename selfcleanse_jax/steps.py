@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
-from selfcleanse_jax.cleansing.lcm import cleanse_batch, keep_given_structures
+from selfcleanse_jax.cleansing.lcm import cleanse_batch
 from selfcleanse_jax.losses import label_targets, per_sample_loss
 from selfcleanse_jax.models.unet import UNet, UNetConfig
 
@@ -60,7 +60,6 @@ class StepConfig:
     flip_average: bool = False
     teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
     lfm_dice_weight: float | None = None  # Dice weight of the eval (LFM) loss; None: dice_weight
-    keep_structures: float = 0.0  # > 0: a pseudo-label keeping less of a drawn class keeps it
 
 
 def init_model(
@@ -105,9 +104,10 @@ def train_step(
     """One optimiser step on this device's share of the global batch.
 
     batch: image (B, H, W, C), target (B, H, W) int (IGNORE_INDEX ignored), optional
-    soft_target (B, H, W, K), weight (B,) per-sample loss weight, idx (B,) sample ids.
-    The loss is `sum_i weight_i * loss_i / global_batch_size`. Returns the new state and the
-    per-sample losses (B,) against the training targets.
+    soft_target (B, H, W, K), weight (B,) per-sample loss weight, idx (B,) sample ids,
+    optional dice_weight (B,) (default `config.dice_weight`). The loss is
+    `sum_i weight_i * loss_i / global_batch_size`. Returns the new state and the per-sample
+    losses (B,) against the training targets.
     """
     targets, mask = _batch_targets(batch, config.num_classes)
     images, targets, mask = augment_batch(
@@ -128,7 +128,7 @@ def train_step(
             model(images),
             targets,
             mask,
-            dice_weight=config.dice_weight,
+            dice_weight=batch.get("dice_weight", config.dice_weight),
             dice_targets=dice_targets,
         )
         new_stats = nnx.state(model, nnx.BatchStat)
@@ -141,7 +141,11 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     teacher = state.teacher
     if teacher is not None:
-        teacher = optax.incremental_update(params, teacher, 1.0 - config.teacher_decay)
+        # The mean teacher's ramp: while 1 - 1/(t+1) < decay the teacher is the plain average
+        # of the weights so far, so it never keeps the random initial weights' share.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(config.teacher_decay, 1.0 - 1.0 / (step + 2.0))
+        teacher = optax.incremental_update(params, teacher, 1.0 - decay)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -182,10 +186,8 @@ def eval_step(
 
 def cleanse_step(
     state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
-) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """LCM on device: pseudo-labels (B, H, W) uint8, with soft targets on (B, H, W, K), and
-    which given classes 1..K-1 each sample's pseudo-label kept (B, K-1) bool
-    (`keep_given_structures`; all False when `config.keep_structures` is 0).
+) -> tuple[jax.Array, jax.Array | None]:
+    """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
 
     batch: image, target (the given label) and clean_prob (B,) from the LFM. The probabilities
     come from the EMA teacher when there is one.
@@ -204,11 +206,7 @@ def cleanse_step(
         temperature=config.temperature,
         morph_radius=config.morph_radius,
     )
-    keep = functools.partial(
-        keep_given_structures, num_classes=config.num_classes, fraction=config.keep_structures
-    )
-    hard, restored = jax.vmap(keep)(hard, batch["target"])
-    return hard.astype(jnp.uint8), (soft if config.soft_targets else None), restored
+    return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
@@ -343,10 +341,14 @@ class Steps:
     def _flat(self, x: jax.Array) -> jax.Array:
         return x.reshape(-1, *x.shape[2:]) if self.mode == "pmap" else x
 
-    def pad_batch(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Pad the leading axis to a multiple of the device count; return the true size."""
+    def pad_batch(
+        self, batch: dict[str, np.ndarray], pad_to: int = 0
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Pad the leading axis to at least `pad_to` rows and a multiple of the device count;
+        return the true size. A fixed `pad_to` keeps one compiled shape for batches of any
+        size (the last batch of a sweep, a round's flagged slices)."""
         size = len(next(iter(batch.values())))
-        padded = -(-size // self.num_devices) * self.num_devices
+        padded = -(-max(size, pad_to) // self.num_devices) * self.num_devices
         if padded == size:
             return batch, size
         pad = lambda v: np.concatenate([v, np.repeat(v[-1:], padded - size, axis=0)])  # noqa: E731
@@ -359,19 +361,24 @@ class Steps:
         return state, self._flat(losses)
 
     def evaluate(
-        self, state: TrainState, batch: dict[str, np.ndarray], teacher: bool = False
+        self,
+        state: TrainState,
+        batch: dict[str, np.ndarray],
+        teacher: bool = False,
+        pad_to: int = 0,
     ) -> tuple[jax.Array, jax.Array]:
-        """Predicted labels and per-sample losses; with `teacher`, those of the EMA teacher."""
-        batch, size = self.pad_batch(batch)
+        """Predicted labels and per-sample losses; with `teacher`, those of the EMA teacher.
+        The batch is padded to `pad_to` rows (`pad_batch`)."""
+        batch, size = self.pad_batch(batch, pad_to)
         run = self._forward["eval_teacher" if teacher else "eval"]
         predictions, losses = run(state, self.put_batch(batch))
         return self._flat(predictions)[:size], self._flat(losses)[:size]
 
     def cleanse(
-        self, state: TrainState, batch: dict[str, np.ndarray]
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Pseudo-labels, soft targets (or None) and given-back classes (`cleanse_step`)."""
-        batch, size = self.pad_batch(batch)
-        hard, soft, restored = self._forward["cleanse"](state, self.put_batch(batch))
-        soft = None if soft is None else self._flat(soft)[:size]
-        return self._flat(hard)[:size], soft, self._flat(restored)[:size]
+        self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Pseudo-labels and soft targets (or None) (`cleanse_step`); the batch is padded to
+        `pad_to` rows (`pad_batch`)."""
+        batch, size = self.pad_batch(batch, pad_to)
+        hard, soft = self._forward["cleanse"](state, self.put_batch(batch))
+        return self._flat(hard)[:size], None if soft is None else self._flat(soft)[:size]

@@ -26,6 +26,7 @@ from selfcleanse_jax import metrics
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
+from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 from selfcleanse_jax.config import METHODS, warmup_epochs
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
@@ -151,7 +152,6 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         flip_average=c.flip_average,
         teacher_decay=c.get("teacher_decay", 0.0),  # absent from older runs' config.json
         lfm_dice_weight=None if c.get("lfm_dice_weight", -1.0) < 0 else c.lfm_dice_weight,
-        keep_structures=c.get("keep_structures", 0.0),
     )
 
 
@@ -188,7 +188,7 @@ def evaluate_losses(
     predictions, losses = [], []
     for idx in _in_batches(len(table), batch_size):
         batch = {"image": table.images[idx], "target": labels[idx]}
-        pred, loss = steps.evaluate(state, batch, teacher)
+        pred, loss = steps.evaluate(state, batch, teacher, pad_to=batch_size)
         predictions.append(pred)
         losses.append(loss)
     return np.concatenate(jax.device_get(predictions)), np.concatenate(jax.device_get(losses))
@@ -270,7 +270,7 @@ class Trainer:
         """LFM on the given labels, then (selfcleanse) LCM for the flagged samples."""
         c = self.config.cleanse
         train = self.dataset.train
-        _, losses = evaluate_losses(
+        predictions, losses = evaluate_losses(
             self.steps,
             self.state,
             train,
@@ -311,38 +311,50 @@ class Trainer:
                 split,
                 c.min_separation,
             )
+        unlearnt = unlearnt_structures(predictions, bank.given, self.num_classes, c.unlearnt_below)
+        hard = np.flatnonzero(unlearnt.any(axis=1))
+        view["unlearnt"] = {
+            name: int(n)
+            for name, n in zip(self.dataset.class_names[1:], unlearnt.sum(0), strict=True)
+        }
+        view["overruled"] = int(bank.flagged[hard].sum())
+        if len(hard):
+            # Drawn structures that the model misses: it has not learnt them, and the small-loss
+            # view says nothing of these slices (it is inverted where the model has unlearnt a
+            # structure that annotators leave out). They keep their labels, with their weight.
+            bank.flagged[hard] = False
+            bank.weights[hard] = c.unlearnt_weight
+            (log.warning if view["overruled"] else log.info)(
+                "epoch %d: the model misses drawn structures of %d slices (%s), %d of which the "
+                "LFM flagged: the small-loss view does not hold there; they keep their given "
+                "labels with weight %g",
+                epoch,
+                len(hard),
+                ", ".join(f"{k} in {n}" for k, n in view["unlearnt"].items() if n),
+                view["overruled"],
+                c.unlearnt_weight,
+            )
         ramp = min(1.0, (epoch - self.warmup + 1) / max(c.ramp_epochs, 1))
         flagged = np.flatnonzero(bank.flagged)
-        view["flagged_share"] = len(flagged) / len(bank.flagged)
         if self.config.method == "filter":
             bank.weights[flagged] = 0.0
         else:
             bank.weights[flagged] = c.weight * ramp
-            kept = np.zeros(self.num_classes - 1, np.int64)
             for idx in _in_batches(len(flagged), self.config.train.eval_batch_size):
                 members = flagged[idx]
-                hard, soft, restored = self.steps.cleanse(
+                hard_labels, soft = self.steps.cleanse(
                     self.state,
                     {
                         "image": train.images[members],
                         "target": bank.given[members],
                         "clean_prob": bank.clean_prob[members],
                     },
+                    pad_to=self.config.train.eval_batch_size,
                 )
-                bank.targets[members] = np.asarray(hard)
-                kept += np.asarray(restored).sum(axis=0)
+                bank.targets[members] = np.asarray(hard_labels)
                 if soft is not None:
                     bank.soft[members] = np.asarray(soft, np.float16)
-            view["structures_kept"] = {
-                name: int(n) for name, n in zip(self.dataset.class_names[1:], kept, strict=True)
-            }
-            if kept.any():
-                log.warning(
-                    "epoch %d: the pseudo-labels would delete whole drawn structures of "
-                    "flagged slices (%s); they keep the given ones",
-                    epoch,
-                    ", ".join(f"{n} {k}" for k, n in view["structures_kept"].items() if n),
-                )
+        view["flagged_share"] = len(flagged) / len(bank.flagged)
         record = {
             "flagged": int(len(flagged)),
             "gmm_means": [float(m) for m in np.asarray(result.fit.means)],
@@ -369,6 +381,15 @@ class Trainer:
         source = pipeline.ArraySource(self.bank.arrays(self.dataset.train))
         return pipeline.epoch_dataset(source, self.config.train.batch_size, self.config.seed, epoch)
 
+    def dice_weight(self, epoch: int) -> float:
+        """The Dice term's weight in this epoch's training loss: `cleanse.warmup_dice_weight`
+        during a cleansing method's warm-up when set (>= 0), else `train.dice_weight`."""
+        during_warmup = self.config.method in ("filter", "selfcleanse") and epoch < self.warmup
+        warmup_weight = self.config.cleanse.get("warmup_dice_weight", -1.0)
+        if during_warmup and warmup_weight >= 0:
+            return float(warmup_weight)
+        return float(self.config.train.dice_weight)
+
     def train_epoch(self, epoch: int) -> np.ndarray:
         """One pass over the training slices; each slice's training loss (NaN if not seen).
 
@@ -385,8 +406,10 @@ class Trainer:
             resumed["iterator"] if resumed else None,
         )
         key = jax.random.key(self.config.seed)
+        dice_weight = self.dice_weight(epoch)
         seen, losses = [], []
         for batch in batches:
+            batch["dice_weight"] = np.full(len(batch["idx"]), dice_weight, np.float32)
             step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + step)
             self.state, loss = self.steps.train(self.state, batch, step_key)
             step += 1

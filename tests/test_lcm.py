@@ -124,21 +124,18 @@ def test_bad_options_raise():
         cleanse_batch(probs[None], given[None], jnp.zeros(1), temperature=0.0)
 
 
-def test_a_drawn_structure_is_given_back_when_the_pseudo_label_deletes_it(case):
-    from selfcleanse_jax.cleansing.lcm import keep_given_structures
+def test_a_drawn_structure_the_model_misses_is_unlearnt(case):
+    from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 
-    # The model has unlearnt class 3; the given label (here the clean one) draws it.
-    model_view = np.where(case["clean"] == 3, 0, case["clean"])
-    hard, _ = cleanse_one(confident_probs(model_view), case["clean"], 0.0)
-    assert not (np.asarray(hard) == 3).any()
-    kept, restored = keep_given_structures(hard, jnp.asarray(case["clean"]), K, 0.1)
-    np.testing.assert_array_equal(np.asarray(kept), case["clean"])
-    np.testing.assert_array_equal(np.asarray(restored), [False, False, True])
-    # Trimming a structure's boundary is a correction, not a deletion: nothing given back.
-    trimmed = np.where(disk(10, 10, 2), 3, np.where(case["clean"] == 3, 0, case["clean"]))
-    kept, restored = keep_given_structures(jnp.asarray(trimmed), jnp.asarray(case["clean"]), K, 0.1)
-    np.testing.assert_array_equal(np.asarray(kept), trimmed)
-    assert not np.asarray(restored).any()
-    # Off (fraction 0): the pseudo-label as it is.
-    kept, restored = keep_given_structures(hard, jnp.asarray(case["clean"]), K, 0.0)
-    np.testing.assert_array_equal(np.asarray(kept), np.asarray(hard))
+    clean = case["clean"]
+    # The model has not learnt class 3, which the given label (here the clean one) draws.
+    missed = np.where(clean == 3, 0, clean)
+    # Trimming a structure's boundary is a correction, not a miss.
+    trimmed = np.where(disk(10, 10, 2), 3, missed)
+    predictions = np.stack([missed, trimmed, missed])
+    given = np.stack([clean, clean, missed])  # the last draws no class 3: nothing to miss
+    np.testing.assert_array_equal(
+        unlearnt_structures(predictions, given, K, 0.1),
+        [[False, False, True], [False, False, False], [False, False, False]],
+    )
+    assert not unlearnt_structures(predictions, given, K, 0.0).any()  # off

@@ -356,3 +356,42 @@ def test_config_differences_skip_what_cannot_change_the_result():
     requested["noise"]["params"] = {"radius": [2, 4]}
     requested["cleanse"]["kappa"] = 0.5
     assert train.config_differences(saved, requested) == ["cleanse.kappa", "noise.params"]
+
+
+def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):
+    config = tiny_config(
+        **{"method": "selfcleanse", "cleanse.warmup_epochs": 2, "cleanse.warmup_dice_weight": 0.0}
+    )
+    trainer = train.Trainer(config, "unused", tiny_dataset)
+    assert [trainer.dice_weight(e) for e in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    config.method = "baseline"
+    assert train.Trainer(config, "unused", tiny_dataset).dice_weight(0) == 1.0
+
+
+def test_slices_whose_drawn_structures_the_model_misses_keep_their_labels(tiny_dataset):
+    """A new model misses most drawn structures: those slices are not flagged and keep their
+    given labels with cleanse.unlearnt_weight; the others go through the LFM as usual."""
+    from selfcleanse_jax.cleansing.lcm import unlearnt_structures
+
+    config = tiny_config(
+        **{
+            "method": "selfcleanse",
+            "cleanse.warmup_epochs": 0,
+            "cleanse.unlearnt_below": 0.1,
+            "cleanse.unlearnt_weight": 3.0,
+            "noise.kind": "paper-b",
+        }
+    )
+    trainer = train.Trainer(config, "unused", tiny_dataset)
+    predictions, _ = train.evaluate_losses(
+        trainer.steps, trainer.state, tiny_dataset.train, trainer.bank.given, 32
+    )
+    missed = unlearnt_structures(predictions, trainer.bank.given, 4, 0.1).any(axis=1)
+    assert missed.any()
+    record = trainer.cleansing_round(0)
+    assert sum(record["lfm_view"]["unlearnt"].values()) >= missed.sum()
+    bank = trainer.bank
+    assert not bank.flagged[missed].any()
+    np.testing.assert_array_equal(bank.weights[missed], 3.0)
+    np.testing.assert_array_equal(bank.targets[missed], bank.given[missed])
+    assert set(np.unique(bank.weights[~missed])) <= {0.0, 1.0 / 3.0, 1.0}  # the LFM's own

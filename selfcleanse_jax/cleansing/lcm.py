@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
@@ -138,25 +139,23 @@ def cleanse_one(
     return hard, soft
 
 
-def keep_given_structures(
-    hard: jax.Array, given: jax.Array, num_classes: int, fraction: float
-) -> tuple[jax.Array, jax.Array]:
-    """Give back each foreground class of the given label that the pseudo-label all but
-    deletes: where the pseudo-label keeps less than `fraction` of the given label's pixels of
-    class c, those pixels keep c.
+def unlearnt_structures(
+    predictions: np.ndarray, given: np.ndarray, num_classes: int, fraction: float
+) -> np.ndarray:
+    """Which foreground classes 1..K-1 of each given label (N, H, W) the model's predictions
+    (N, H, W) all but miss: they keep less than `fraction` of the drawn pixels. (N, K-1)
+    bool; all False with `fraction` 0.
 
-    Annotators leave structures out, they do not draw ones that are not there: a pseudo-label
-    that deletes a drawn structure says more about the model (a class it has not learnt, or
-    has unlearnt under missing-structure noise) than about the label. Returns the label (H, W)
-    and which classes 1..K-1 were given back (K-1,) bool.
+    Annotators leave structures out, they do not draw ones that are not there: a model that
+    misses a drawn structure has not learnt it (or has unlearnt it under missing-structure
+    noise), so the small-loss view is no guide to such a slice, and a pseudo-label from the
+    model would delete the structure rather than correct it.
     """
-    classes = jnp.arange(1, num_classes, dtype=jnp.int32)
-    drawn = given.astype(jnp.int32)[..., None] == classes
-    area = jnp.sum(drawn, axis=(0, 1))
-    kept = jnp.sum(drawn & (hard.astype(jnp.int32)[..., None] == classes), axis=(0, 1))
-    restored = (area > 0) & (kept < fraction * area)
-    give_back = jnp.any(drawn & restored, axis=-1)
-    return jnp.where(give_back, given.astype(hard.dtype), hard), restored
+    classes = np.arange(1, num_classes)
+    drawn = np.asarray(given)[..., None] == classes
+    area = drawn.sum(axis=(1, 2))
+    kept = (drawn & (np.asarray(predictions)[..., None] == classes)).sum(axis=(1, 2))
+    return (area > 0) & (kept < fraction * area)
 
 
 @functools.partial(

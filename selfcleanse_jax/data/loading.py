@@ -121,8 +121,7 @@ def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
 
     def cases(numbers):
         return (
-            chosen.make_case(config.seed, n, data.image_size, data.phantom_slices)
-            for n in numbers
+            chosen.make_case(config.seed, n, data.image_size, data.phantom_slices) for n in numbers
         )
 
     train_cases = data.phantom_train_cases
