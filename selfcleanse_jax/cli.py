@@ -25,6 +25,12 @@ EPILOG = """commands:
 """
 
 
+JOBS_HELP = (
+    "runs trained at once, each on a core of its own (default: one per core on a CPU, one on "
+    "an accelerator)"
+)
+
+
 class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
@@ -143,19 +149,21 @@ def _apply_overrides(config, overrides: list[str]):
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from selfcleanse_jax import demo
+    from selfcleanse_jax import demo, runs
 
     config = _apply_overrides(demo.demo_config(args.quick), overrides)
     demo.main(
         Path(args.output),
         config=config,
         noise_kinds=tuple(args.noise) if args.noise else demo.NOISE_KINDS,
+        overwrite=args.overwrite,
+        jobs=args.jobs or runs.default_jobs(),
     )
     return 0
 
 
 def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
-    from selfcleanse_jax import demo, study
+    from selfcleanse_jax import demo, runs, study
 
     config = _apply_overrides(demo.demo_config(args.quick), overrides)
     protocols = study.ALL_PROTOCOLS if args.protocols == ["all"] else tuple(args.protocols)
@@ -167,6 +175,7 @@ def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
         protocols=protocols,
         seeds=tuple(args.seeds),
         methods=tuple(args.methods),
+        jobs=args.jobs or runs.default_jobs(),
     )
     return 0
 
@@ -281,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise",
         nargs="+",
         metavar="KIND",
-        help="noise models or presets to compare under (default: boundary missing)",
+        help="noise models, presets or protocols to compare under (default: paper-b paper-l)",
+    )
+    demo.add_argument("--jobs", type=int, default=0, help=JOBS_HELP)
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain run folders that hold runs of another config (default: refuse)",
     )
 
     st = sub.add_parser(
@@ -306,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise protocols or kinds; 'all' for every protocol (default: paper-b paper-l)",
     )
     st.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S")
+    st.add_argument("--jobs", type=int, default=0, help=JOBS_HELP)
     st.add_argument(
         "--methods",
         nargs="+",

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from selfcleanse_jax import report, train
 from selfcleanse_jax.config import METHODS
-from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.data.phantom import PHANTOMS
 from selfcleanse_jax.demo import demo_config
+from selfcleanse_jax.runs import RunTask, run_many
 
 QUICK_PROTOCOLS = ("paper-b", "paper-l")
 QUICK_SEEDS = (0, 1, 2)
@@ -232,6 +230,14 @@ def _cell_detail(dataset: str, protocol: str, cell: dict[str, dict[int, dict]]) 
     return "\n".join(lines) + "\n"
 
 
+def _label_damage_of_cell(output: Path, dataset: str, protocol: str, seed: int) -> dict | None:
+    """The label damage of a cell's noise realisation, from any of its runs' noise cards."""
+    cell = run_folder(output, dataset, protocol, "baseline", seed).parent
+    for card in sorted(cell.glob("*/noise_card.json")):
+        return _label_damage(card.parent)
+    return None
+
+
 def main(
     output: Path,
     quick: bool = False,
@@ -241,58 +247,47 @@ def main(
     seeds: tuple[int, ...] = QUICK_SEEDS,
     methods: tuple[str, ...] = METHODS,
     reports: bool = True,
+    jobs: int = 1,
 ) -> dict:
     """Run the study; write `output/study.json` and `output/study.md`; return the results.
 
     `config` replaces `demo_config(quick)` as the base of every run. With `reports`, each
-    run trained here gets its `report/`.
+    run trained here gets its `report/`. `jobs` > 1 trains that many runs at once, each in a
+    worker process on a core of its own (`runs.run_many`).
     """
     start = time.perf_counter()
     base = demo_config(quick) if config is None else config
     output.mkdir(parents=True, exist_ok=True)
-    runs = [
-        (dataset, seed, protocol, method)
+    cells_wanted = [
+        (dataset, seed, protocol)
         for dataset in datasets
         for seed in seeds
         for protocol in protocols
+    ]
+    tasks: dict[Path, RunTask] = {}  # one run per folder: the oracle's is shared
+    for dataset, seed, protocol in cells_wanted:
+        for method in methods:
+            folder = run_folder(output, dataset, protocol, method, seed)
+            config = run_config(dataset_config(base, dataset, seed), protocol, method)
+            tasks.setdefault(folder, RunTask(config.to_dict(), str(folder), reports, True))
+    summaries = run_many(list(tasks.values()), jobs, "study")
+    by_folder = dict(zip(tasks, summaries, strict=True))
+    rows = [
+        _row(
+            dataset,
+            protocol,
+            seed,
+            by_folder[run_folder(output, dataset, protocol, method, seed)],
+            _label_damage_of_cell(output, dataset, protocol, seed),
+        )
+        for dataset, seed, protocol in cells_wanted
         for method in methods
     ]
-    rows = []
-    loaded: dict = {}
-    oracles: dict = {}
-    bar = tqdm(runs, desc="study", unit="run")
-    for dataset, seed, protocol, method in bar:
-        bar.set_postfix_str(f"{dataset_name(dataset)} {protocol} seed {seed} {method}")
-        config = dataset_config(base, dataset, seed)
-        workdir = run_folder(output, dataset, protocol, method, seed)
-        if method == "oracle" and (dataset, seed) in oracles:
-            summary = oracles[dataset, seed]
-        else:
-            if (dataset, seed) not in loaded:
-                loaded.clear()  # one dataset in memory at a time
-                loaded[dataset, seed] = load_dataset(config)
-            summary = train.run(
-                run_config(config, protocol, method),
-                workdir,
-                loaded[dataset, seed],
-                overwrite=True,
-            )
-            if reports and not summary.get("reused"):
-                report.make_report(workdir)
-            if method == "oracle":
-                oracles[dataset, seed] = summary
-        damage_from = run_folder(output, dataset, protocol, "baseline", seed)
-        damage = _label_damage(workdir if method != "oracle" else damage_from)
-        rows.append(_row(dataset, protocol, seed, summary, damage))
-    for row in rows:  # the oracle's runs carry no noise: give them their cell's damage
-        if row["label_damage"] is None:
-            row["label_damage"] = _label_damage(
-                run_folder(output, row["dataset"], row["protocol"], "baseline", row["seed"])
-            )
     results = {
         "rows": rows,
         "seconds": time.perf_counter() - start,
         "quick": quick,
+        "jobs": jobs,
         "cells": [
             {"dataset": d, "protocol": p, **cell_summary(cell)}
             for (d, p), cell in cells(rows).items()
@@ -302,5 +297,7 @@ def main(
     text = markdown(rows)
     (output / "study.md").write_text(text + "\n")
     print(text)
-    print(f"\n{len(runs)} rows in {results['seconds']:.0f} s; results in {output}")
+    print(
+        f"\n{len(tasks)} runs in {results['seconds']:.0f} s ({jobs} at once); results in {output}"
+    )
     return results

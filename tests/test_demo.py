@@ -40,10 +40,16 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
     table = (tmp_path / "demo_results.md").read_text().splitlines()
     assert len(table) == 2 + len(saved["rows"])
     assert saved["seconds"] > 0
-    for run in ("boundary_baseline", "boundary_selfcleanse", "missing_filter", "boundary_oracle"):
+    for run in ("paper-b_baseline", "paper-b_selfcleanse", "paper-l_filter", "paper-b_oracle"):
         summary = (tmp_path / run / "report" / "summary.md").read_text()
         assert f"| method | {run.split('_')[1]} |" in summary
-    assert (tmp_path / "missing_selfcleanse" / "report" / "losses.png").is_file()
+    assert (tmp_path / "paper-l_selfcleanse" / "report" / "losses.png").is_file()
+    # Asked again, the demo reports its finished runs; with another config it refuses.
+    again = demo.main(tmp_path, config=config)
+    assert [r["test_dice"] for r in again["rows"]] == [r["test_dice"] for r in saved["rows"]]
+    config.train.learning_rate = 0.01
+    with pytest.raises(ValueError, match="another config"):
+        demo.main(tmp_path, config=config)
 
 
 def test_demo_command_line_overrides_are_typed_and_checked():

@@ -11,7 +11,7 @@ from tiny import tiny_config
 
 
 def _base(**overrides):
-    settings = {"train.epochs": 2, "cleanse.warmup_epochs": 1, "train.checkpoint": False}
+    settings = {"train.epochs": 1, "cleanse.warmup_epochs": 0, "train.checkpoint": False}
     return tiny_config(**{**settings, **overrides})
 
 
@@ -74,7 +74,7 @@ def test_study_rows_tables_and_reuse(tmp_path):
     summaries = sorted((tmp_path / "runs").rglob("summary.json"))
     assert len(summaries) == 2 * 2 * 2 + 2  # baseline and selfcleanse per cell, an oracle per seed
     stamps = [p.stat().st_mtime_ns for p in summaries]
-    again = study.main(tmp_path, **kwargs)
+    again = study.main(tmp_path, **kwargs, jobs=2)  # worker processes find them finished too
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert [r["test_dice"] for r in again["rows"]] == [r["test_dice"] for r in results["rows"]]
 
@@ -82,8 +82,9 @@ def test_study_rows_tables_and_reuse(tmp_path):
     kwargs["config"] = _base(**{"train.learning_rate": 3e-3})
     kwargs["seeds"] = (0,)
     kwargs["protocols"] = ("paper-b",)
-    kwargs["methods"] = ("baseline",)
-    study.main(tmp_path, **kwargs)
+    kwargs["methods"] = ("baseline", "selfcleanse")
+    retrained = study.main(tmp_path, **kwargs, jobs=2)  # two runs at once, in workers
+    assert [r["method"] for r in retrained["rows"]] == ["baseline", "selfcleanse"]
     folder = study.run_folder(tmp_path, "cardiac", "paper-b", "baseline", 0)
     assert json.loads((folder / "config.json").read_text())["train"]["learning_rate"] == 3e-3
     assert (folder / "summary.json").stat().st_mtime_ns != stamps[
