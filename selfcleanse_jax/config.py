@@ -12,7 +12,7 @@ METHODS = ("baseline", "filter", "selfcleanse", "oracle")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Self-cleansing on the embedded cardiac phantom with 50% boundary noise."""
+    """Self-cleansing on the embedded cardiac phantom under the paper-b noise protocol."""
     c = ml_collections.ConfigDict()
     c.method = "selfcleanse"
     c.seed = 0
@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.phantom_slices = 8
 
     c.noise = ml_collections.ConfigDict()
-    c.noise.kind = "boundary"  # none, a model of selfcleanse_jax.noise or a preset
+    c.noise.kind = "paper-b"  # none, a model of selfcleanse_jax.noise, a preset or a protocol
     c.noise.rate = -1.0  # fraction of noisy slices; < 0: a protocol's own rate, else 0.5
     c.noise.seed = 0
     c.noise.params = ml_collections.ConfigDict()  # the noise model's parameters, e.g. radius

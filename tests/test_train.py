@@ -59,7 +59,7 @@ def test_train_one_epoch_from_the_command_line(tmp_path):
     assert "detection" in record["cleanse"]
     assert json.loads((workdir / "config.json").read_text())["method"] == "selfcleanse"
     card = json.loads((workdir / "noise_card.json").read_text())
-    assert card["kind"] == "boundary"
+    assert card["kind"] == "paper-b" and card["rate"] == 0.5
     assert (workdir / "checkpoints").is_dir()
     assert json.loads(result.stdout)["method"] == "selfcleanse"
 

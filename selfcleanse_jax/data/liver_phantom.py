@@ -65,9 +65,9 @@ class _Abdomen:
 
 
 def _draw_tumours(rng: np.random.Generator, height_mm: float, levels: np.ndarray) -> list[_Tumour]:
-    """None in some cases, else up to ten, each centred near one of the slice `levels`
+    """None in one case of ten, else two to ten, each centred near one of the slice `levels`
     (fractions of the height) so that the stack shows it."""
-    count = 0 if rng.random() < 0.15 else int(rng.integers(1, 11))
+    count = 0 if rng.random() < 0.1 else int(rng.integers(2, 11))
     tumours = []
     for _ in range(count):
         radius = rng.uniform(3.0, 20.0)
