@@ -139,3 +139,15 @@ def test_a_drawn_structure_the_model_misses_is_unlearnt(case):
         [[False, False, True], [False, False, False], [False, False, False]],
     )
     assert not unlearnt_structures(predictions, given, K, 0.0).any()  # off
+
+
+def test_disputed_fallback_ignores_only_unsure_pixels_the_model_disputes():
+    given = np.array([[1, 1, 0, 0]], np.int32)
+    # Unsure everywhere (max p 0.55): the model agrees with the label on the first and third
+    # pixels and disputes the second and fourth.
+    probs = np.zeros((1, 4, K), np.float32)
+    for x, choice in enumerate([1, 0, 0, 1]):
+        probs[0, x] = 0.15
+        probs[0, x, choice] = 0.55
+    hard, _ = cleanse_one(jnp.asarray(probs), given, 0.0, kappa=0.8, fallback="disputed")
+    np.testing.assert_array_equal(np.asarray(hard), [[1, IGNORE_INDEX, 0, IGNORE_INDEX]])

@@ -5,7 +5,9 @@ For one sample with softmax p (H, W, K), given label y (H, W) and clean probabil
     q = w * onehot(y) + (1 - w) * p
 
 The hard pseudo-label is argmax q where max q >= kappa, and elsewhere the given label
-(`fallback="given"`) or IGNORE_INDEX (`fallback="ignore"`, the loss skips it). Pixels whose
+(`fallback="given"`), IGNORE_INDEX (`fallback="ignore"`, the loss skips it), or the given
+label where the model's own argmax agrees with it and IGNORE_INDEX where it does not
+(`fallback="disputed"`: unsure pixels that the model disputes teach nothing). Pixels whose
 given label is IGNORE_INDEX (or any value outside [0, K)) carry no label: onehot(y) is zero
 there. Optional morphological clean-up (per foreground class opening then closing with a
 square (2r+1)^2 window, then optional filling of background holes) acts on the argmax map
@@ -26,7 +28,7 @@ import numpy as np
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
-FALLBACKS = ("given", "ignore")
+FALLBACKS = ("given", "ignore", "disputed")
 
 
 def _check_options(
@@ -130,7 +132,13 @@ def cleanse_one(
     pseudo = jnp.argmax(q, axis=-1).astype(jnp.int32)
     if morph_radius > 0 or fill_holes:
         pseudo = _morph_clean(pseudo, num_classes, morph_radius, fill_holes)
-    otherwise = given if fallback == "given" else jnp.full_like(given, IGNORE_INDEX)
+    ignored = jnp.full_like(given, IGNORE_INDEX)
+    if fallback == "given":
+        otherwise = given
+    elif fallback == "ignore":
+        otherwise = ignored
+    else:  # disputed: ignored only where the model's own choice differs from the given label
+        otherwise = jnp.where(jnp.argmax(probs, axis=-1) == given, given, ignored)
     hard = jnp.where(jnp.max(q, axis=-1) >= kappa, pseudo, otherwise)
 
     soft = jnp.where(labelled[..., None], q, probs)
