@@ -604,11 +604,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def config_differences(saved: dict, requested: dict) -> list[str]:
     """Keys whose values differ between a run folder's config and a requested one, leaving
-    out `NON_RESULT_KEYS` and a modality the request leaves to the data (empty)."""
+    out `NON_RESULT_KEYS`, a modality the request leaves to the data (empty), and the
+    cleansing settings of a method that does not cleanse (baseline, oracle)."""
     old, new = _flat(saved), _flat(requested)
+    cleanses = new.get("method") in ("filter", "selfcleanse")
     differing = []
     for key in sorted(set(old) | set(new)):
         if key in NON_RESULT_KEYS or (key == "data.modality" and not new.get(key)):
+            continue
+        if key.startswith("cleanse.") and not cleanses:
             continue
         if old.get(key) != new.get(key):
             differing.append(key)

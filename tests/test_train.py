@@ -356,6 +356,8 @@ def test_config_differences_skip_what_cannot_change_the_result():
     requested["noise"]["params"] = {"radius": [2, 4]}
     requested["cleanse"]["kappa"] = 0.5
     assert train.config_differences(saved, requested) == ["cleanse.kappa", "noise.params"]
+    requested["method"] = saved["method"] = "baseline"  # which does not cleanse
+    assert train.config_differences(saved, requested) == ["noise.params"]
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):
