@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.gmm_backend = "jax"  # jax | sklearn
     c.cleanse.tau = 0.5
     c.cleanse.reg_covar = 5e-4
-    c.cleanse.lfm_dice_weight = -1.0  # Dice weight in the LFM's loss; < 0: train.dice_weight
+    c.cleanse.lfm_dice_weight = 0.0  # Dice weight in the LFM's loss; < 0: train.dice_weight
     c.cleanse.warmup_dice_weight = -1.0  # Dice weight while warming up; < 0: train.dice_weight
     c.cleanse.lfm_normalise = "minmax"  # minmax | quantile (robust to a few extreme losses)
     c.cleanse.min_separation = 0.0  # flag nothing when the mixture's Ashman D is below this
@@ -91,8 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0
-    c.cleanse.unlearnt_below = 0.0  # > 0: a slice whose drawn class the model predicts on less
-    c.cleanse.unlearnt_weight = 1.0  # than this share of is not flagged, and has this weight
+    c.cleanse.unlearnt_below = 0.1  # > 0: a slice whose drawn class the model predicts on less
+    c.cleanse.unlearnt_weight = 3.0  # than this share of is not flagged, and has this weight
     c.cleanse.flip_average = False  # average the model's softmax with a mirrored pass
     c.cleanse.teacher_decay = 0.0  # > 0: LFM losses and LCM softmax from an EMA of the weights
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
