@@ -164,6 +164,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfcleanse_jax import demo, runs, study
+    from selfcleanse_jax.config import METHODS
 
     config = _apply_overrides(demo.demo_config(args.quick), overrides)
     protocols = study.ALL_PROTOCOLS if args.protocols == ["all"] else tuple(args.protocols)
@@ -174,7 +175,7 @@ def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
         datasets=tuple(args.datasets),
         protocols=protocols,
         seeds=tuple(args.seeds),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods or (study.QUICK_METHODS if args.quick else METHODS)),
         jobs=args.jobs or runs.default_jobs(),
     )
     return 0
@@ -325,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--methods",
         nargs="+",
-        default=["baseline", "filter", "selfcleanse", "oracle"],
         choices=["baseline", "filter", "selfcleanse", "oracle"],
         metavar="M",
+        help="default: all four; with --quick baseline, selfcleanse and oracle",
     )
 
     bench = sub.add_parser("bench", help="throughput figures")

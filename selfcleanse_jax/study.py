@@ -27,6 +27,8 @@ from selfcleanse_jax.runs import RunTask, run_many
 
 QUICK_PROTOCOLS = ("paper-b", "paper-l")
 QUICK_SEEDS = (0, 1, 2)
+QUICK_METHODS = ("baseline", "selfcleanse", "oracle")
+"""`study --quick`'s methods: what the gap recovered needs, in the time a CPU allows."""
 ALL_PROTOCOLS = (
     "paper-b",
     "paper-l",
