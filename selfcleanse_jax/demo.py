@@ -75,9 +75,8 @@ def markdown_table(rows: list[dict]) -> str:
         ]
         if det:
             cells += [
-                f"{det['auc']:.3f}" if det["auc"] is not None else "n/a",
-                f"{det['precision']:.3f}",
-                f"{det['recall']:.3f}",
+                f"{det[key]:.3f}" if det[key] is not None else "n/a"
+                for key in ("auc", "precision", "recall")
             ]
         else:
             cells += ["", "", ""]

@@ -131,13 +131,13 @@ def plot_lfm(rounds: list[dict], path: Path) -> Path:
     panels = [("flagged slices", "count", {"flagged": [c["flagged"] for c in cleanse]})]
     if any("detection" in c for c in cleanse):
         detection = {
-            key: [_or_nan(c.get("detection", {}).get(key)) for c in cleanse]
+            key: [_or_nan((c.get("detection") or {}).get(key)) for c in cleanse]
             for key in DETECTION_KEYS
         }
         panels.append(("Noisy-label detection", "score", detection))
-    if any("pseudo_label_dice" in c for c in cleanse):
+    if any(c.get("pseudo_label_dice") for c in cleanse):
         dice = {
-            f"{key} labels": [_or_nan(c.get("pseudo_label_dice", {}).get(key)) for c in cleanse]
+            f"{key} labels": [_or_nan((c.get("pseudo_label_dice") or {}).get(key)) for c in cleanse]
             for key in ("given", "cleansed")
         }
         panels.append(("Flagged slices' Dice vs clean", "Dice", dice))

@@ -367,6 +367,9 @@ class Trainer:
             record["detection"] = metrics.detection_metrics(
                 self.noise.is_noisy, 1.0 - bank.clean_prob, bank.flagged
             )
+            if self.config.method == "selfcleanse":
+                # None when the round flags nothing: there are no cleansed labels to score.
+                record["pseudo_label_dice"] = None
             if len(flagged) and self.config.method == "selfcleanse":
                 clean = train.labels[flagged]
                 record["pseudo_label_dice"] = {

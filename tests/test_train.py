@@ -214,6 +214,7 @@ def test_sticky_flags_keep_the_lowest_clean_probability(tmp_path, tiny_dataset):
             "train.epochs": 2,
             "cleanse.warmup_epochs": 1,
             "cleanse.sticky": True,
+            "cleanse.unlearnt_below": 0.0,  # no slice exempted from the flags
             "train.checkpoint": False,
         }
     )
@@ -333,18 +334,18 @@ def test_a_run_folder_holds_one_run(tmp_path):
     assert json.loads(again.stdout)["reused"] is True
     assert "has finished" in again.stderr
 
-    changed = _cli(*args, "--config.train.learning_rate=0.01", "--config.noise.kind=paper-b")
+    changed = _cli(*args, "--config.train.learning_rate=0.01", "--config.noise.kind=paper-l")
     assert changed.returncode == 1
     message = changed.stderr.strip().splitlines()
     assert len(message) == 1 and "noise.kind, train.learning_rate" in message[0]
     assert "--overwrite" in message[0]
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
 
-    afresh = _cli(*args, "--config.noise.kind=paper-b", "--overwrite")
+    afresh = _cli(*args, "--config.noise.kind=paper-l", "--overwrite")
     assert afresh.returncode == 0, afresh.stderr
     assert "reused" not in json.loads(afresh.stdout)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["noise"]["kind"] == "paper-b" and saved["noise"]["rate"] == 0.5
+    assert saved["noise"]["kind"] == "paper-l" and saved["noise"]["rate"] == 0.5
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
