@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.tau = 0.5
     c.cleanse.reg_covar = 5e-4
     c.cleanse.lfm_dice_weight = 0.0  # Dice weight in the LFM's loss; < 0: train.dice_weight
+    c.cleanse.lfm_loss = "ce"  # ce (mean cross-entropy) | boundary (disagreement per outline px)
     c.cleanse.warmup_dice_weight = -1.0  # Dice weight while warming up; < 0: train.dice_weight
     c.cleanse.lfm_normalise = "minmax"  # minmax | quantile (robust to a few extreme losses)
     c.cleanse.min_separation = 0.0  # flag nothing when the mixture's Ashman D is below this

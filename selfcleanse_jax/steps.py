@@ -27,7 +27,12 @@ from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
 from selfcleanse_jax.cleansing.lcm import cleanse_batch
-from selfcleanse_jax.losses import label_targets, per_sample_loss
+from selfcleanse_jax.losses import (
+    LFM_LOSSES,
+    boundary_disagreement,
+    label_targets,
+    per_sample_loss,
+)
 from selfcleanse_jax.models.unet import UNet, UNetConfig
 
 PARALLEL_MODES = ("auto", "pmap", "shard_map", "none")
@@ -60,6 +65,13 @@ class StepConfig:
     flip_average: bool = False
     teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
     lfm_dice_weight: float | None = None  # Dice weight of the eval (LFM) loss; None: dice_weight
+    lfm_loss: str = "ce"  # the LFM's loss: mean cross-entropy, or `boundary_disagreement`
+
+    def __post_init__(self):
+        if self.lfm_loss not in LFM_LOSSES:
+            raise ValueError(
+                f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}"
+            )
 
 
 def init_model(
@@ -173,14 +185,18 @@ def eval_step(
     """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses.
 
     The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label),
-    with the Dice term weighted by `config.lfm_dice_weight` when set. With `teacher`, the EMA
-    teacher's forward pass (the model's own when there is none).
+    with the Dice term weighted by `config.lfm_dice_weight` when set; with `config.lfm_loss`
+    "boundary", `boundary_disagreement` takes the place of the mean cross-entropy. With
+    `teacher`, the EMA teacher's forward pass (the model's own when there is none).
     """
     model = _model(state, graphdef, teacher)
     logits = model(batch["image"])
     targets, mask = label_targets(batch["target"], config.num_classes)
     dice_weight = config.dice_weight if config.lfm_dice_weight is None else config.lfm_dice_weight
     losses = per_sample_loss(logits, targets, mask, dice_weight=dice_weight)
+    if config.lfm_loss == "boundary":
+        cross_entropy = per_sample_loss(logits, targets, mask, dice_weight=0.0)
+        losses = losses - cross_entropy + boundary_disagreement(logits, batch["target"])
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8), losses
 
 

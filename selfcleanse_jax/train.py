@@ -152,6 +152,7 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         flip_average=c.flip_average,
         teacher_decay=c.get("teacher_decay", 0.0),  # absent from older runs' config.json
         lfm_dice_weight=None if c.get("lfm_dice_weight", -1.0) < 0 else c.lfm_dice_weight,
+        lfm_loss=c.get("lfm_loss", "ce"),  # absent from older runs' config.json
     )
 
 

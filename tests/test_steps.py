@@ -180,6 +180,15 @@ def test_lfm_loss_weights_the_dice_term_on_its_own():
     np.testing.assert_allclose(eval_losses(dice_weight=0.0, lfm_dice_weight=1.0), eval_losses())
     assert np.all(eval_losses() > ce_only)
 
+    with_dice = eval_losses(lfm_dice_weight=1.0) - ce_only
+    boundary = eval_losses(lfm_loss="boundary", lfm_dice_weight=0.0)
+    np.testing.assert_allclose(
+        eval_losses(lfm_loss="boundary", lfm_dice_weight=1.0), boundary + with_dice, rtol=1e-5
+    )
+    assert not np.allclose(boundary, ce_only)
+    with pytest.raises(ValueError, match="cleanse.lfm_loss"):
+        dataclasses.replace(CONFIG, lfm_loss="dice")
+
 
 def test_soft_targets_give_cross_entropy_and_hard_labels_give_dice():
     rng = np.random.default_rng(0)
