@@ -76,7 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.augment.intensity_shift = 0.1
 
     c.cleanse = ml_collections.ConfigDict()
-    c.cleanse.warmup_epochs = -1  # -1: 10% of the epochs, at least 1
+    c.cleanse.warmup_epochs = -1  # -1: 10% of the epochs, at least 1 (adaptive: the least)
+    c.cleanse.adaptive_warmup = False  # also wait until every class's training Dice saturates
+    c.cleanse.warmup_max_fraction = 0.5  # an adaptive warm-up's longest, as share of the epochs
+    c.cleanse.saturation = 0.9  # saturated: the fitted slope has fallen by this share (ADELE)
     c.cleanse.gmm_backend = "jax"  # jax | sklearn
     c.cleanse.tau = 0.5
     c.cleanse.reg_covar = 5e-4

@@ -27,6 +27,7 @@ from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import unlearnt_structures
+from selfcleanse_jax.cleansing.warmup import saturated
 from selfcleanse_jax.config import METHODS, warmup_epochs
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
@@ -265,6 +266,10 @@ class Trainer:
             )
         self.state = self.steps.init_state(config.seed)
         self.warmup = warmup_epochs(config)
+        self.adaptive = bool(config.cleanse.get("adaptive_warmup", False))
+        # The first epoch with a cleansing round; with an adaptive warm-up, decided on the way.
+        self.cleansing_from: int | None = None if self.adaptive else self.warmup
+        self.train_dice_history: list[list[float]] = []  # per warm-up epoch, per class
 
     # -- one cleansing round -------------------------------------------------------------
     def cleansing_round(self, epoch: int) -> dict:
@@ -335,7 +340,7 @@ class Trainer:
                 view["overruled"],
                 c.unlearnt_weight,
             )
-        ramp = min(1.0, (epoch - self.warmup + 1) / max(c.ramp_epochs, 1))
+        ramp = min(1.0, (epoch - self.cleansing_from + 1) / max(c.ramp_epochs, 1))
         flagged = np.flatnonzero(bank.flagged)
         if self.config.method == "filter":
             bank.weights[flagged] = 0.0
@@ -379,6 +384,57 @@ class Trainer:
                 }
         return record
 
+    # -- the warm-up ---------------------------------------------------------------------
+    def cleansing_begun(self, epoch: int) -> bool:
+        """Whether `epoch` starts with a cleansing round (the warm-up is over).
+
+        A fixed warm-up lasts `cleanse.warmup_epochs`; an adaptive one at least that, and
+        then until every class's training Dice has saturated (`cleansing.warmup.saturated`)
+        or `cleanse.warmup_max_fraction` of the epochs have passed.
+        """
+        if self.cleansing_from is not None:
+            return epoch >= self.cleansing_from
+        if epoch < self.warmup:
+            return False
+        c = self.config.cleanse
+        longest = max(self.warmup, round(c.warmup_max_fraction * self.config.train.epochs))
+        history = np.asarray(self.train_dice_history, float)
+        done = saturated(history, c.saturation) if len(history) else np.zeros(0, bool)
+        if len(history) and done.all():
+            log.info("epoch %d: every class's training Dice has saturated; cleansing begins", epoch)
+        elif epoch >= longest:
+            waiting = [n for n, d in zip(self.dataset.class_names[1:], done, strict=True) if not d]
+            log.warning(
+                "epoch %d: the warm-up reached its longest (%d epochs) before %s saturated; "
+                "cleansing begins",
+                epoch,
+                longest,
+                ", ".join(waiting) or "the training Dice",
+            )
+        else:
+            return False
+        self.cleansing_from = epoch
+        return True
+
+    def track_warmup(self) -> dict:
+        """The training Dice per class against the given labels, for the adaptive warm-up."""
+        predictions, _ = evaluate_losses(
+            self.steps,
+            self.state,
+            self.dataset.train,
+            self.bank.given,
+            self.config.train.eval_batch_size,
+        )
+        dice = metrics.dice_per_class(predictions, self.bank.given, self.num_classes)
+        self.train_dice_history.append([float(d) for d in dice])
+        done = saturated(np.asarray(self.train_dice_history), self.config.cleanse.saturation)
+        return {
+            "train_dice_per_class": self.dataset.per_class(dice),
+            "saturated": {
+                name: bool(d) for name, d in zip(self.dataset.class_names[1:], done, strict=True)
+            },
+        }
+
     # -- the loop --------------------------------------------------------------------------
     def epoch_dataset(self, epoch: int) -> grain.MapDataset:
         """This process's training batches of `epoch`, read from the bank as it is now."""
@@ -388,7 +444,8 @@ class Trainer:
     def dice_weight(self, epoch: int) -> float:
         """The Dice term's weight in this epoch's training loss: `cleanse.warmup_dice_weight`
         during a cleansing method's warm-up when set (>= 0), else `train.dice_weight`."""
-        during_warmup = self.config.method in ("filter", "selfcleanse") and epoch < self.warmup
+        cleanses = self.config.method in ("filter", "selfcleanse")
+        during_warmup = cleanses and not self.cleansing_begun(epoch)
         warmup_weight = self.config.cleanse.get("warmup_dice_weight", -1.0)
         if during_warmup and warmup_weight >= 0:
             return float(warmup_weight)
@@ -476,7 +533,12 @@ class Trainer:
             epoch,
             self.steps.get_state(self.state),
             self._bank_arrays(),
-            {"epoch": epoch, "method": self.config.method},
+            {
+                "epoch": epoch,
+                "method": self.config.method,
+                "cleansing_from": self.cleansing_from,
+                "train_dice_history": self.train_dice_history,
+            },
             self.data_state,
         )
 
@@ -485,9 +547,12 @@ class Trainer:
         epoch = checkpointer.latest_epoch()
         if epoch is None:
             return 0
-        state, bank, _, self.data_state = checkpointer.restore(
+        state, bank, meta, self.data_state = checkpointer.restore(
             epoch, self.steps.get_state(self.state), self._bank_arrays()
         )
+        if self.adaptive:
+            self.cleansing_from = meta.get("cleansing_from")
+            self.train_dice_history = meta.get("train_dice_history", [])
         self.state = self.steps.put_state(state)
         history = bank.pop("loss_history")
         self.loss_history = [row for row in history if not np.isnan(row).all()]
@@ -500,11 +565,14 @@ class Trainer:
         """A cleansing round (after the warm-up), an epoch of training, evaluation, checkpoint."""
         config = self.config
         record: dict = {"epoch": epoch}
-        cleansing = config.method in ("filter", "selfcleanse") and epoch >= self.warmup
+        cleanses = config.method in ("filter", "selfcleanse")
+        cleansing = cleanses and self.cleansing_begun(epoch)
         if cleansing:
             record["cleanse"] = self.cleansing_round(epoch)
         train_loss = self.train_epoch(epoch)
         record["train_loss"] = float(np.nanmean(train_loss))
+        if cleanses and self.adaptive and self.cleansing_from is None:
+            record["warmup"] = self.track_warmup()
         if config.train.record_dynamics and jax.process_index() == 0:
             self.record_dynamics(epoch, train_loss, cleansing)
         last = epoch == config.train.epochs - 1

@@ -161,6 +161,45 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     assert int(second.steps.get_state(second.state).step) == 3 * first.steps_per_epoch
 
 
+def test_an_adaptive_warmup_tracks_the_training_dice_and_ends_at_its_longest(
+    tmp_path, tiny_dataset
+):
+    """Two epochs of a tiny run are too few to fit a curve to: the warm-up lasts its longest
+    (half of four epochs), and a resumed run knows when cleansing began."""
+    config = tiny_config(
+        **{
+            "method": "selfcleanse",
+            "train.epochs": 4,
+            "cleanse.warmup_epochs": 1,
+            "cleanse.adaptive_warmup": True,
+            "cleanse.warmup_max_fraction": 0.5,
+            "train.checkpoint_every": 1,
+        }
+    )
+    first = train.Trainer(config, tmp_path, tiny_dataset)
+    first.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [("warmup" in r, "cleanse" in r) for r in records] == [
+        (True, False),
+        (True, False),
+        (False, True),
+        (False, True),
+    ]
+    names = ["right ventricle", "myocardium", "left ventricle"]
+    for record in records[:2]:
+        assert list(record["warmup"]["train_dice_per_class"]) == names
+        assert not any(record["warmup"]["saturated"].values())
+    assert first.cleansing_from == 2
+    second = train.Trainer(config, tmp_path, tiny_dataset)
+    checkpointer = Checkpointer(tmp_path)
+    assert second.resume(checkpointer) == 4
+    checkpointer.close()
+    assert second.cleansing_from == 2
+    assert second.train_dice_history == [
+        [r["warmup"]["train_dice_per_class"][n] for n in names] for r in records[:2]
+    ]
+
+
 def test_phantom_command_then_training_on_it_with_the_msd_config(tmp_path):
     from selfcleanse_jax import cli
 
