@@ -205,6 +205,13 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         kind=args.kind,
     )
     print(f"wrote {args.cases} training and {args.test_cases} {args.kind} test cases to {root}")
+    if args.preview:
+        from selfcleanse_jax.noise_tools import phantom_preview
+
+        png = phantom_preview(
+            Path(args.preview), args.kind, args.seed, args.image_size, args.slices
+        )
+        print(f"drew slices of its first cases in {png}")
     return 0
 
 
@@ -346,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--image-size", type=int, default=128)
     ph.add_argument("--slices", type=int, default=8, help="slices per case")
+    ph.add_argument("--preview", help="also draw slices of the first cases with their labels")
     ph.set_defaults(func=cmd_phantom)
 
     nz = sub.add_parser("noise", help="write a copy of an MSD dataset with noisy training labels")

@@ -200,3 +200,50 @@ def gallery(
     fig.savefig(output_png, dpi=100)
     plt.close(fig)
     return output_png
+
+
+def phantom_preview(
+    output_png: Path,
+    kind: str = "cardiac",
+    seed: int = 0,
+    image_size: int = 128,
+    num_slices: int = 8,
+    cases: int = 3,
+) -> Path:
+    """Draw slices of the first `cases` cases of phantom `kind` with their clean contours (a
+    CT phantom in the default liver window). Writes `output_png` and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selfcleanse_jax.data.phantom import get_phantom
+
+    phantom = get_phantom(kind)
+    shown = sorted({round(i * (num_slices - 1) / 3) for i in range(4)})
+    fig, axes = plt.subplots(cases, len(shown), figsize=(2.6 * len(shown), 2.6 * cases))
+    axes = np.atleast_2d(axes)
+    window = (-200.0, 250.0) if phantom.modality == "CT" else (None, None)
+    for row in range(cases):
+        case = phantom.make_case(seed, row, image_size, num_slices)
+        for ax, z in zip(axes[row], shown, strict=True):
+            ax.imshow(case.image[..., z], cmap="gray", vmin=window[0], vmax=window[1])
+            for i, value in enumerate(sorted(phantom.labels)[1:]):
+                mask = case.label[..., z] == value
+                if mask.any():
+                    colour = _COLOURS[i % len(_COLOURS)]
+                    ax.contour(mask, levels=[0.5], colors=colour, linewidths=1.0)
+            ax.set_title(f"{case.name}, slice {z}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    names = ", ".join(
+        f"{name} {_COLOURS[i % len(_COLOURS)].removeprefix('tab:')}"
+        for i, (_, name) in enumerate(sorted(phantom.labels.items())[1:])
+    )
+    fig.suptitle(f"{kind} phantom (seed {seed}, {image_size} px): {names}", fontsize=10)
+    fig.tight_layout()
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=100)
+    plt.close(fig)
+    return output_png

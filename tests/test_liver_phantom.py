@@ -84,3 +84,15 @@ def test_training_data_are_windowed_as_ct():
     images = dataset.train.images
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert np.mean(images == 0.0) > 0.1  # air and fat below the window
+
+
+def test_phantom_command_draws_a_preview(tmp_path):
+    from matplotlib.image import imread
+
+    from selfcleanse_jax import cli
+
+    png = tmp_path / "preview.png"
+    args = ["phantom", "--kind", "liver", "--output", str(tmp_path / "data"), "--cases", "3"]
+    assert cli.main([*args, "--test-cases", "1", "--image-size", "48", "--preview", str(png)]) == 0
+    image = imread(png)
+    assert image.shape[0] > 200 and image.std() > 0
