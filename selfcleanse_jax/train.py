@@ -230,6 +230,8 @@ class Trainer:
             params=config.noise.params.to_dict(),
             class_names=self.dataset.class_names,
         )
+        if config.cleanse.get("lfm_oracle", False) and config.noise.kind == "none":
+            raise ValueError("cleanse.lfm_oracle needs simulated noise (noise.kind is none)")
         if config.method == "oracle" and config.noise.kind == "none":
             log.info("oracle with noise.kind=none trains on the given labels")
         supervision = train.labels if config.method == "oracle" else self.noise.noisy_labels
@@ -292,6 +294,10 @@ class Trainer:
             reg_covar=c.reg_covar,
             normalise=c.lfm_normalise,
         )
+        if c.get("lfm_oracle", False):
+            # A diagnostic: the flags the LFM would give if it were never wrong.
+            truth = np.where(self.noise.is_noisy, 0.0, 1.0).astype(np.float32)
+            result = dataclasses.replace(result, clean_prob=truth, noisy=truth < c.tau)
         self.lfm_input = result.normalised
         if result.message:
             log.warning("epoch %d: %s", epoch, result.message)

@@ -125,6 +125,27 @@ def test_cleansing_rounds_reweight_and_relabel(tmp_path, tiny_dataset, method):
         assert "pseudo_label_dice" in summary["cleanse"]
 
 
+def test_an_oracle_lfm_flags_exactly_the_noisy_slices(tmp_path, tiny_dataset):
+    config = tiny_config(
+        **{
+            "method": "filter",
+            "train.epochs": 2,
+            "cleanse.warmup_epochs": 1,
+            "cleanse.lfm_oracle": True,
+            "cleanse.unlearnt_below": 0.0,
+            "noise.kind": "missing",
+            "train.checkpoint": False,
+        }
+    )
+    trainer = train.Trainer(config, tmp_path, tiny_dataset)
+    record = trainer.cleansing_round(1)
+    np.testing.assert_array_equal(trainer.bank.flagged, trainer.noise.is_noisy)
+    assert record["detection"]["precision"] == record["detection"]["recall"] == 1.0
+    config.noise.kind = "none"
+    with pytest.raises(ValueError, match="lfm_oracle needs simulated noise"):
+        train.Trainer(config, tmp_path, tiny_dataset)
+
+
 def test_oracle_trains_on_clean_labels(tmp_path, tiny_dataset):
     config = tiny_config(**{"method": "oracle", "train.epochs": 1, "train.checkpoint": False})
     trainer = train.Trainer(config, tmp_path, tiny_dataset)
