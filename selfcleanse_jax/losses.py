@@ -47,7 +47,6 @@ def per_sample_loss(
     return ce + dice_weight * (1.0 - jnp.mean(dice, axis=-1))
 
 
-
 LFM_LOSSES = ("ce", "boundary")
 
 

@@ -69,9 +69,7 @@ class StepConfig:
 
     def __post_init__(self):
         if self.lfm_loss not in LFM_LOSSES:
-            raise ValueError(
-                f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}"
-            )
+            raise ValueError(f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}")
 
 
 def init_model(
