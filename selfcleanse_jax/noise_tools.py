@@ -194,12 +194,7 @@ def gallery(
         f"label noise on a phantom slice (seed {seed}, {image_size} px): clean solid, noisy dashed",
         fontsize=10,
     )
-    fig.tight_layout()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=100)
-    plt.close(fig)
-    return output_png
+    return _save_figure(fig, output_png)
 
 
 def phantom_preview(
@@ -241,6 +236,13 @@ def phantom_preview(
         for i, (_, name) in enumerate(sorted(phantom.labels.items())[1:])
     )
     fig.suptitle(f"{kind} phantom (seed {seed}, {image_size} px): {names}", fontsize=10)
+    return _save_figure(fig, output_png)
+
+
+def _save_figure(fig, output_png: Path) -> Path:
+    """Write a finished figure as a PNG (creating its folder), close it, return the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
