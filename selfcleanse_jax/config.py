@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.loss_window = 1  # mean of the per-sample loss over the last k rounds
     c.cleanse.sticky = False  # keep each sample's lowest clean probability across rounds
     c.cleanse.kappa = 0.8
-    c.cleanse.fallback = "given"  # given | ignore | disputed
+    c.cleanse.fallback = "given"  # given | ignore | disputed | band
+    c.cleanse.band = 2  # fallback=band: unsure pixels this near a drawn outline (px) are ignored
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0

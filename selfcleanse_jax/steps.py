@@ -60,6 +60,7 @@ class StepConfig:
     augment: AugmentConfig = AugmentConfig()
     kappa: float = 0.8
     fallback: str = "given"
+    band: int = 2  # pixels; the LCM's `fallback="band"` ignores unsure pixels this near outlines
     temperature: float | None = None
     morph_radius: int = 0
     flip_average: bool = False
@@ -219,6 +220,7 @@ def cleanse_step(
         fallback=config.fallback,
         temperature=config.temperature,
         morph_radius=config.morph_radius,
+        band=config.band,
     )
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 

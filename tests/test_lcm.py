@@ -151,3 +151,22 @@ def test_disputed_fallback_ignores_only_unsure_pixels_the_model_disputes():
         probs[0, x, choice] = 0.55
     hard, _ = cleanse_one(jnp.asarray(probs), given, 0.0, kappa=0.8, fallback="disputed")
     np.testing.assert_array_equal(np.asarray(hard), [[1, IGNORE_INDEX, 0, IGNORE_INDEX]])
+
+
+def test_band_fallback_ignores_unsure_pixels_near_the_drawn_outline_only():
+    given = np.zeros((H, W), np.int32)
+    given[4:12, 4:12] = 1
+    unsure = confident_probs(given, conf=0.5)
+    hard, _ = cleanse_one(unsure, given, 0.0, kappa=0.8, fallback="band", band=1)
+    # Another label within one pixel (a 3x3 window): the square's outermost ring and the
+    # ring around it.
+    near = np.zeros((H, W), bool)
+    near[3:13, 3:13] = True
+    near[5:11, 5:11] = False
+    np.testing.assert_array_equal(np.asarray(hard), np.where(near, IGNORE_INDEX, given))
+    # Confident pixels take the pseudo-label wherever they are.
+    sure = confident_probs(np.zeros((H, W), np.int32))
+    hard, _ = cleanse_one(sure, given, 0.0, kappa=0.8, fallback="band", band=1)
+    np.testing.assert_array_equal(np.asarray(hard), 0)
+    with pytest.raises(ValueError, match="band"):
+        make_cleanser(fallback="band", band=0)

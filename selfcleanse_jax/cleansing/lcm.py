@@ -7,7 +7,10 @@ For one sample with softmax p (H, W, K), given label y (H, W) and clean probabil
 The hard pseudo-label is argmax q where max q >= kappa, and elsewhere the given label
 (`fallback="given"`), IGNORE_INDEX (`fallback="ignore"`, the loss skips it), or the given
 label where the model's own argmax agrees with it and IGNORE_INDEX where it does not
-(`fallback="disputed"`: unsure pixels that the model disputes teach nothing). Pixels whose
+(`fallback="disputed"`: unsure pixels that the model disputes teach nothing), or IGNORE_INDEX
+within `band` pixels of an outline of the given label and the given label farther away
+(`fallback="band"`: boundary noise lives along the drawn outlines, so an unsure pixel there
+teaches nothing, while inside a structure and far outside it the drawing is right). Pixels whose
 given label is IGNORE_INDEX (or any value outside [0, K)) carry no label: onehot(y) is zero
 there. Optional morphological clean-up (per foreground class opening then closing with a
 square (2r+1)^2 window, then optional filling of background holes) acts on the argmax map
@@ -28,14 +31,16 @@ import numpy as np
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
-FALLBACKS = ("given", "ignore", "disputed")
+FALLBACKS = ("given", "ignore", "disputed", "band")
 
 
 def _check_options(
-    kappa: float, fallback: str, temperature: float | None, morph_radius: int
+    kappa: float, fallback: str, temperature: float | None, morph_radius: int, band: int = 1
 ) -> None:
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown LCM fallback {fallback!r}; expected one of {FALLBACKS}")
+    if fallback == "band" and band < 1:
+        raise ValueError(f"LCM band must be >= 1 pixel with fallback 'band', got {band}")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"LCM temperature must be > 0 or None, got {temperature}")
     if morph_radius < 0:
@@ -54,6 +59,14 @@ def _pool(masks: jax.Array, radius: int, op: str) -> jax.Array:
     if op == "dilate":
         return jax.lax.reduce_window(masks, 0.0, jax.lax.max, window, (1, 1, 1), "SAME")
     return jax.lax.reduce_window(masks, 1.0, jax.lax.min, window, (1, 1, 1), "SAME")
+
+
+def near_outline(onehot: jax.Array, band: int) -> jax.Array:
+    """(H, W) bool: pixels with another label within `band` pixels (a (2b+1)^2 window) of a
+    one-hot label map (H, W, K); the image edge is not an outline."""
+    grown = _pool(onehot, band, "dilate")
+    shrunk = _pool(onehot, band, "erode")
+    return jnp.any(grown != shrunk, axis=-1)
 
 
 def _fill_background_holes(labels: jax.Array, masks: jax.Array) -> jax.Array:
@@ -113,13 +126,15 @@ def cleanse_one(
     temperature: float | None = None,
     morph_radius: int = 0,
     fill_holes: bool = False,
+    band: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
     """Pseudo-label of one sample: hard (H, W) int32 and soft (H, W, K) float32 targets.
 
     `probs` (H, W, K) is the model's softmax, `given` (H, W) the given integer label,
-    `clean_prob` the LFM's w for this sample (clipped to [0, 1]). Options are static.
+    `clean_prob` the LFM's w for this sample (clipped to [0, 1]). Options are static; `band`
+    (pixels) is read by `fallback="band"` only.
     """
-    _check_options(kappa, fallback, temperature, morph_radius)
+    _check_options(kappa, fallback, temperature, morph_radius, band)
     probs = jnp.asarray(probs, jnp.float32)
     num_classes = probs.shape[-1]
     given = jnp.asarray(given).astype(jnp.int32)
@@ -137,6 +152,8 @@ def cleanse_one(
         otherwise = given
     elif fallback == "ignore":
         otherwise = ignored
+    elif fallback == "band":  # ignored near the drawn outlines, the given label elsewhere
+        otherwise = jnp.where(near_outline(onehot, band), ignored, given)
     else:  # disputed: ignored only where the model's own choice differs from the given label
         otherwise = jnp.where(jnp.argmax(probs, axis=-1) == given, given, ignored)
     hard = jnp.where(jnp.max(q, axis=-1) >= kappa, pseudo, otherwise)
@@ -167,7 +184,8 @@ def unlearnt_structures(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("kappa", "fallback", "temperature", "morph_radius", "fill_holes")
+    jax.jit,
+    static_argnames=("kappa", "fallback", "temperature", "morph_radius", "fill_holes", "band"),
 )
 def cleanse_batch(
     probs: jax.Array,
@@ -179,6 +197,7 @@ def cleanse_batch(
     temperature: float | None = None,
     morph_radius: int = 0,
     fill_holes: bool = False,
+    band: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
     """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,).
 
@@ -192,6 +211,7 @@ def cleanse_batch(
         temperature=temperature,
         morph_radius=morph_radius,
         fill_holes=fill_holes,
+        band=band,
     )
     return jax.vmap(one)(probs, given, clean_prob)
 
@@ -202,12 +222,13 @@ def make_cleanser(
     temperature: float | None = None,
     morph_radius: int = 0,
     fill_holes: bool = False,
+    band: int = 2,
 ) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """Bind the options (checked now) and return `fn(probs, given, clean_prob) -> (hard, soft)`.
 
     The result is the jitted, vmapped `cleanse_batch`; build it once from the config.
     """
-    _check_options(kappa, fallback, temperature, morph_radius)
+    _check_options(kappa, fallback, temperature, morph_radius, band)
     return functools.partial(
         cleanse_batch,
         kappa=kappa,
@@ -215,4 +236,5 @@ def make_cleanser(
         temperature=temperature,
         morph_radius=morph_radius,
         fill_holes=fill_holes,
+        band=band,
     )
