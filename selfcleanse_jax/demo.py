@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.config import METHODS, default_config
 from selfcleanse_jax.runs import RunTask, run_many
 
@@ -121,9 +122,9 @@ def main(
     summaries = dict(zip(folders, run_many(list(tasks.values()), jobs, "demo"), strict=True))
     rows = [_row(noise, summaries[workdir]) for noise, workdir in order]
     results = {"rows": rows, "seconds": time.perf_counter() - start}
-    (output / "demo_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic.write_text(output / "demo_results.json", json.dumps(results, indent=1) + "\n")
     table = markdown_table(rows)
-    (output / "demo_results.md").write_text(table + "\n")
+    atomic.write_text(output / "demo_results.md", table + "\n")
     print(table)
     print(f"\n{len(tasks)} training runs in {results['seconds']:.0f} s; results in {output}")
     return results

@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from selfcleanse_jax import metrics
+from selfcleanse_jax import atomic, metrics
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.layouts import detect_layout, iter_layout
 from selfcleanse_jax.data.loading import load_dataset
@@ -30,18 +28,6 @@ from selfcleanse_jax.train import evaluate_losses
 
 SPLITS = ("val", "test")
 MEASURES = ("dice", "iou", *metrics.DISTANCES)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _summary(values: list[float | None]) -> dict[str, float | None]:
@@ -131,7 +117,7 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
     }
     if write:
         out = workdir / "eval"
-        _write_atomic(out / "metrics.json", json.dumps(result, indent=1) + "\n")
+        atomic.write_text(out / "metrics.json", json.dumps(result, indent=1) + "\n")
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["case", "class", *MEASURES])
@@ -139,5 +125,5 @@ def evaluate(workdir: str | Path, split: str = "test", *, write: bool = True) ->
             writer.writerow(
                 [r["case"], r["class"], *("" if r[k] is None else repr(r[k]) for k in MEASURES)]
             )
-        _write_atomic(out / "per_case.csv", text.getvalue())
+        atomic.write_text(out / "per_case.csv", text.getvalue())
     return result

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
 NoiseResult = tuple[np.ndarray, dict[str, Any]] | None
@@ -644,11 +645,8 @@ class NoiseRealisation:
         return json.dumps(card, indent=1)
 
     def save(self, path: Path) -> Path:
-        """Write the noise card to `path` (JSON) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        """Write the noise card to `path` (JSON, replaced in one step) and return the path."""
+        return atomic.write_text(path, self.to_json() + "\n")
 
 
 def _clean_record(sample_id: int, kind: str) -> dict[str, Any]:

@@ -8,12 +8,17 @@ summary.md. Inputs a run may lack (dynamics, noise card) skip their plot, never 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from selfcleanse_jax import atomic
+
+log = logging.getLogger(__name__)
 
 DETECTION_KEYS = ("auc", "precision", "recall")
 
@@ -27,14 +32,10 @@ def read_metrics(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{workdir}: no metrics.jsonl, not a training run's work directory")
-    by_epoch = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number}: not JSON ({error.msg})") from None
-            by_epoch[record["epoch"]] = record
+    lines, torn = atomic.read_jsonl(path)
+    if torn:
+        log.warning(torn)
+    by_epoch = {record["epoch"]: record for record in lines}
     if not by_epoch:
         raise ValueError(f"{path}: empty, no epoch was recorded")
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
@@ -90,7 +91,8 @@ def gmm_input_quartiles(
 
 def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=100)
+    with atomic.replacing(path, "wb") as f:
+        figure.savefig(f, format=path.suffix[1:], dpi=100)
     return path
 
 
@@ -318,6 +320,6 @@ def make_report(workdir: Path, output: Path | None = None) -> dict:
     for stale in {"lfm.png", "losses.png"} - {path.name for path in files}:
         (output / stale).unlink(missing_ok=True)  # left by an earlier report, no longer true
     summary = {**summarise(records, config, card), "skipped": skipped}
-    (output / "summary.md").write_text(summary_markdown(summary))
+    atomic.write_text(output / "summary.md", summary_markdown(summary))
     files.append(output / "summary.md")
     return {"files": [str(path) for path in files], "summary": summary}

@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.config import METHODS
 from selfcleanse_jax.data.phantom import PHANTOMS
 from selfcleanse_jax.demo import demo_config
@@ -295,9 +296,9 @@ def main(
             for (d, p), cell in cells(rows).items()
         ],
     }
-    (output / "study.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic.write_text(output / "study.json", json.dumps(results, indent=1) + "\n")
     text = markdown(rows)
-    (output / "study.md").write_text(text + "\n")
+    atomic.write_text(output / "study.md", text + "\n")
     print(text)
     print(
         f"\n{len(tasks)} runs in {results['seconds']:.0f} s ({jobs} at once); results in {output}"

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import metrics
+from selfcleanse_jax import atomic, metrics
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
@@ -123,20 +122,29 @@ def compiled_steps(
     return Steps(model, optimizer.build(), steps, parallel)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling, so a reader never sees half of it."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def _keep_records_before(path: Path, epoch: int) -> None:
-    """Drop the records of `epoch` and later from a metrics file: a resumed run trains them
-    again (a run can log epochs after its last checkpoint before it stops)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < epoch]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+def keep_records_before(workdir: Path, epoch: int) -> None:
+    """Drop the records of `epoch` and later from the run folder (metrics.jsonl lines and
+    dynamics files), which a resumed run writes again: a run records an epoch before its
+    checkpoint, and may be killed in between. A torn last line of metrics.jsonl (a run
+    killed while writing it) is dropped too; both are said in the log."""
+    path = workdir / METRICS_FILE
+    if path.is_file():
+        lines, torn = atomic.read_jsonl(path)
+        if torn:
+            log.warning(torn)
+        kept = [line for line in lines if line["epoch"] < epoch]
+        if len(kept) < len(lines):
+            log.info(
+                "%s: dropped the records of epoch %d on (%d), which this run trains again",
+                path,
+                epoch,
+                len(lines) - len(kept),
+            )
+        if torn or len(kept) < len(lines):
+            atomic.write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+    for dynamics in sorted((workdir / "dynamics").glob("epoch_*.npz")):
+        if int(dynamics.stem.removeprefix("epoch_")) >= epoch:
+            dynamics.unlink()
 
 
 def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
@@ -503,9 +511,8 @@ class Trainer:
                 clean_prob=self.bank.clean_prob,
                 flagged=self.bank.flagged,
             )
-        directory = self.workdir / "dynamics"
-        directory.mkdir(exist_ok=True)
-        np.savez_compressed(directory / f"epoch_{epoch:04d}.npz", **arrays)
+        with atomic.replacing(self.workdir / "dynamics" / f"epoch_{epoch:04d}.npz", "wb") as f:
+            np.savez_compressed(f, **arrays)
 
     def evaluate_test(self) -> dict:
         dice = volume_dice(
@@ -599,15 +606,14 @@ class Trainer:
         saved = config.copy_and_resolve_references()
         with saved.unlocked():
             saved.data.modality = self.dataset.modality
-        _write_atomic(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
-        metrics_path = self.workdir / "metrics.jsonl"
+        atomic.write_text(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
         checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
         start = time.perf_counter()
         record: dict = {}
         try:
             first_epoch = self.resume(checkpointer) if checkpointer else 0
             if jax.process_index() == 0:
-                _keep_records_before(metrics_path, first_epoch)
+                keep_records_before(self.workdir, first_epoch)
             bar = tqdm(
                 range(first_epoch, config.train.epochs),
                 desc=config.method,
@@ -623,8 +629,7 @@ class Trainer:
                     dice=f"{record.get('test_dice', float('nan')):.3f}",
                 )
                 if jax.process_index() == 0:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
         finally:
             if checkpointer:
                 checkpointer.close()
@@ -639,14 +644,17 @@ class Trainer:
             "seconds": time.perf_counter() - start,
         }
         if jax.process_index() == 0:
-            _write_atomic(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+            atomic.write_text(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
         return summary
 
 
 SUMMARY_FILE = "summary.json"
 """Written last, atomically, when a run has trained all its epochs: the run's result."""
 
-RECORDS = ("config.json", "noise_card.json", "metrics.jsonl", SUMMARY_FILE)
+METRICS_FILE = "metrics.jsonl"
+"""One JSON line per finished epoch, appended and fsynced before the epoch's checkpoint."""
+
+RECORDS = ("config.json", "noise_card.json", METRICS_FILE, SUMMARY_FILE)
 RECORD_DIRS = ("checkpoints", "dynamics", "report", "eval")
 
 NON_RESULT_KEYS = frozenset(

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.data.cases import Case, SliceTable
 
 log = logging.getLogger(__name__)
@@ -322,24 +322,16 @@ def cache_key(files: Sequence[Path], settings: PreprocessSettings, extra: dict) 
 
 def save_slice_table(path: Path, table: SliceTable) -> None:
     """Write `table` as an npz file: to a temp file in the same folder, then moved into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                images=table.images,
-                labels=table.labels,
-                case_index=table.case_index,
-                z=table.z,
-                case_names=np.asarray(table.case_names, dtype=str),
-                spacing=table.spacing,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path, "wb") as f:
+        np.savez(
+            f,
+            images=table.images,
+            labels=table.labels,
+            case_index=table.case_index,
+            z=table.z,
+            case_names=np.asarray(table.case_names, dtype=str),
+            spacing=table.spacing,
+        )
 
 
 def load_slice_table(path: Path) -> SliceTable:

@@ -1,0 +1,83 @@
+"""Files that a kill at any moment leaves whole or absent, never half-written.
+
+A file is written to a temporary sibling, flushed to disk and renamed over its name
+(`replacing`, `write_text`), or grows by whole lines, each flushed to disk before the call
+returns (`append_line`); `read_jsonl` reads such a file back, dropping a last line that a
+kill tore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing whose content replaces `path` when the block ends without
+    an error; on an error `path` is left as it was and the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Replace `path` with `text` in one step (`replacing`)."""
+    with replacing(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append `line` and a newline to `path`, on disk when this returns."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], str | None]:
+    """The JSON objects of a JSON-lines file, and a note when its last line was torn (a kill
+    cut it short while it was written, before its newline) and so dropped.
+
+    A line that is not JSON but ends with a newline is a ValueError naming the file and line.
+    """
+    path = Path(path)
+    *lines, tail = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not JSON ({error.msg})") from None
+    note = None
+    if tail:
+        note = f"{path}: dropped a torn last line ({len(tail)} characters after line {len(lines)})"
+    return records, note
