@@ -78,7 +78,7 @@ def run(quick: bool = False) -> dict:
     batch = trainer.bank.batch(table, np.arange(8) % len(table))
 
     def train_step():
-        trainer.state, losses = steps.train(trainer.state, batch, key)
+        trainer.state, losses, _ = steps.train(trainer.state, batch, key)
         return losses
 
     train_s = _timed(train_step, repeats)

@@ -64,6 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5  # epochs; the last epoch is always saved
     c.train.record_dynamics = True  # per-slice losses, w and flags: WORKDIR/dynamics/*.npz
     c.train.data_workers = 0  # grain read threads for the training batches; 0: in the loop
+    c.train.nonfinite = "skip"  # a non-finite loss or gradient: skip the step, or stop the run
+    c.train.nonfinite_limit = 10  # skip: the run stops after more skipped steps than this
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True

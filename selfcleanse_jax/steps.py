@@ -111,14 +111,16 @@ def train_step(
     tx: optax.GradientTransformation,
     config: StepConfig,
     axis_name: str | None = None,
-) -> tuple[TrainState, jax.Array]:
+) -> tuple[TrainState, jax.Array, jax.Array]:
     """One optimiser step on this device's share of the global batch.
 
     batch: image (B, H, W, C), target (B, H, W) int (IGNORE_INDEX ignored), optional
     soft_target (B, H, W, K), weight (B,) per-sample loss weight, idx (B,) sample ids,
     optional dice_weight (B,) (default `config.dice_weight`). The loss is
-    `sum_i weight_i * loss_i / global_batch_size`. Returns the new state and the per-sample
-    losses (B,) against the training targets.
+    `sum_i weight_i * loss_i / global_batch_size`. Returns the new state, the per-sample
+    losses (B,) against the training targets, and whether the global loss and gradient were
+    finite: when they were not, the update is skipped (the state is unchanged but for its
+    step count), so a non-finite value never reaches the parameters.
     """
     targets, mask = _batch_targets(batch, config.num_classes)
     images, targets, mask = augment_batch(
@@ -157,14 +159,23 @@ def train_step(
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(config.teacher_decay, 1.0 - 1.0 / (step + 2.0))
         teacher = optax.incremental_update(params, teacher, 1.0 - decay)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        teacher=teacher,
+    updated = state.replace(
+        params=params, batch_stats=batch_stats, opt_state=opt_state, teacher=teacher
     )
-    return new_state, losses
+    # A non-finite gradient leaves non-finite values in the updated state. Checking the
+    # step's outputs (per-sample losses, new state) rather than the gradients keeps the
+    # update's own computation, and so its result, exactly as it is without the check.
+    # The new state is the same on every device and the count of non-finite losses is
+    # summed over devices, so all devices keep or skip the update together.
+    nonfinite_losses = _psum(jnp.sum(~jnp.isfinite(losses)), axis_name)
+    finite = (nonfinite_losses == 0) & _all_finite(updated)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    return kept.replace(step=state.step + 1), losses, finite
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every value of every leaf of `tree` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 def _model(state: TrainState, graphdef: nnx.GraphDef, teacher: bool) -> nnx.Module:
@@ -298,7 +309,7 @@ class Steps:
                     functools.partial(train, axis_name=AXIS),
                     mesh=self.mesh,
                     in_specs=(P(), P(AXIS), P()),
-                    out_specs=(P(), P(AXIS)),
+                    out_specs=(P(), P(AXIS), P()),
                     # The step reduces gradients itself, exactly as under pmap; with
                     # check_vma on, JAX would also psum the gradient of the replicated
                     # parameters and count every device's share twice.
@@ -372,9 +383,11 @@ class Steps:
 
     def train(
         self, state: TrainState, batch: dict[str, np.ndarray], key: jax.Array
-    ) -> tuple[TrainState, jax.Array]:
-        state, losses = self._train(state, self.put_batch(batch), key)
-        return state, self._flat(losses)
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
+        """The state after one step, the per-sample losses and whether the step was finite
+        (`train_step`); nothing is fetched from the device, so steps queue up."""
+        state, losses, finite = self._train(state, self.put_batch(batch), key)
+        return state, self._flat(losses), finite[0] if self.mode == "pmap" else finite
 
     def evaluate(
         self,

@@ -37,6 +37,14 @@ from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 
 log = logging.getLogger(__name__)
 
+NONFINITE_POLICIES = ("skip", "stop")
+"""`train.nonfinite`: a step with a non-finite loss or gradient is skipped (and counted, up to
+`train.nonfinite_limit`), or stops the run."""
+
+
+class NonFiniteError(ValueError):
+    """The run stopped on non-finite losses or gradients (`train.nonfinite`)."""
+
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """float16 one-hot targets; IGNORE_INDEX (and any value >= num_classes) gives all zeros."""
@@ -281,6 +289,12 @@ class Trainer:
         # The first epoch with a cleansing round; with an adaptive warm-up, decided on the way.
         self.cleansing_from: int | None = None if self.adaptive else self.warmup
         self.train_dice_history: list[list[float]] = []  # per warm-up epoch, per class
+        if config.train.get("nonfinite", "skip") not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"train.nonfinite must be one of {NONFINITE_POLICIES}, "
+                f"got {config.train.nonfinite!r}"
+            )
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient
 
     # -- one cleansing round -------------------------------------------------------------
     def cleansing_round(self, epoch: int) -> dict:
@@ -484,18 +498,51 @@ class Trainer:
         key = jax.random.key(self.config.seed)
         dice_weight = self.dice_weight(epoch)
         seen, losses = [], []
+        unchecked = None  # the last step's finite flag, read once the next step is queued
         for batch in batches:
             batch["dice_weight"] = np.full(len(batch["idx"]), dice_weight, np.float32)
-            step_key = jax.random.fold_in(key, epoch * self.steps_per_epoch + step)
-            self.state, loss = self.steps.train(self.state, batch, step_key)
+            global_step = epoch * self.steps_per_epoch + step
+            step_key = jax.random.fold_in(key, global_step)
+            self.state, loss, finite = self.steps.train(self.state, batch, step_key)
             step += 1
             self.data_state = {"epoch": epoch, "step": step, "iterator": batches.get_state()}
             seen.append(batch["idx"])
             losses.append(loss)
+            if unchecked is not None:
+                self.count_nonfinite(*unchecked)
+            unchecked = (finite, global_step + 1, epoch)
+        if unchecked is not None:
+            self.count_nonfinite(*unchecked)
         per_sample = np.full(len(self.dataset.train), np.nan, np.float32)
         if seen:
             per_sample[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
         return per_sample
+
+    def count_nonfinite(self, finite: jax.Array, step: int, epoch: int) -> None:
+        """Count a step that the train step skipped for a non-finite loss or gradient, and
+        stop the run (NonFiniteError) as `train.nonfinite` and `train.nonfinite_limit` say."""
+        if bool(finite):
+            return
+        self.nonfinite_steps += 1
+        train = self.config.train
+        where = f"step {step} (epoch {epoch})"
+        if train.get("nonfinite", "skip") == "stop":
+            raise NonFiniteError(
+                f"{where}: non-finite loss or gradient; train.nonfinite=stop ends the run "
+                "(its last checkpoint is kept)"
+            )
+        log.warning(
+            "%s: non-finite loss or gradient, update skipped (%d so far)",
+            where,
+            self.nonfinite_steps,
+        )
+        limit = train.get("nonfinite_limit", 10)
+        if self.nonfinite_steps > limit:
+            raise NonFiniteError(
+                f"{where}: {self.nonfinite_steps} steps skipped for non-finite losses or "
+                f"gradients, more than train.nonfinite_limit ({limit}); the run stops (its "
+                "last checkpoint is kept)"
+            )
 
     def record_dynamics(self, epoch: int, train_loss: np.ndarray, cleansed: bool) -> None:
         """Per-slice values of this epoch to `WORKDIR/dynamics/epoch_NNNN.npz`."""
@@ -552,6 +599,7 @@ class Trainer:
                 "method": self.config.method,
                 "cleansing_from": self.cleansing_from,
                 "train_dice_history": self.train_dice_history,
+                "nonfinite_steps": self.nonfinite_steps,
             },
             self.data_state,
         )
@@ -567,6 +615,7 @@ class Trainer:
         if self.adaptive:
             self.cleansing_from = meta.get("cleansing_from")
             self.train_dice_history = meta.get("train_dice_history", [])
+        self.nonfinite_steps = meta.get("nonfinite_steps", 0)
         self.state = self.steps.put_state(state)
         history = bank.pop("loss_history")
         self.loss_history = [row for row in history if not np.isnan(row).all()]
@@ -585,6 +634,8 @@ class Trainer:
             record["cleanse"] = self.cleansing_round(epoch)
         train_loss = self.train_epoch(epoch)
         record["train_loss"] = float(np.nanmean(train_loss))
+        if self.nonfinite_steps:
+            record["nonfinite_steps"] = self.nonfinite_steps
         if cleanses and self.adaptive and self.cleansing_from is None:
             record["warmup"] = self.track_warmup()
         if config.train.record_dynamics and jax.process_index() == 0:
@@ -666,6 +717,8 @@ NON_RESULT_KEYS = frozenset(
         "train.checkpoint_every",
         "train.eval_every",
         "train.record_dynamics",
+        "train.nonfinite",
+        "train.nonfinite_limit",
     }
 )
 """Config keys that cannot change a run's result: a folder may be asked again with others."""

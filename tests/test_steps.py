@@ -1,6 +1,8 @@
-"""The train step gives the same update on one device, under pmap and under shard_map."""
+"""The train step gives the same update on one device, under pmap and under shard_map, and
+skips an update whose loss or gradient is not finite."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -29,10 +31,17 @@ def _batch(seed: int = 0, size: int = 8) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
+def _sgd_steps(mode: str, model=MODEL, config=CONFIG) -> Steps:
+    """Steps with SGD, compiled once per test session for each setting."""
+    return Steps(model, optax.sgd(0.1), config, parallel=mode)
+
+
 def _one_step(mode: str, model=MODEL, config=CONFIG):
-    steps = Steps(model, optax.sgd(0.1), config, parallel=mode)
+    steps = _sgd_steps(mode, model, config)
     state = steps.init_state(seed=0)
-    state, losses = steps.train(state, _batch(), jax.random.key(1))
+    state, losses, finite = steps.train(state, _batch(), jax.random.key(1))
+    assert bool(finite)
     return steps.get_state(state), np.asarray(losses)
 
 
@@ -150,7 +159,7 @@ def test_teacher_evaluation_uses_the_teacher_and_falls_back_to_the_model():
     batch = _batch(size=4)
     inputs = {"image": batch["image"], "target": batch["target"]}
     plain = Steps(MODEL, optax.sgd(0.5), CONFIG, parallel="none")
-    state, _ = plain.train(plain.init_state(0), _batch(size=4), jax.random.key(1))
+    state, _, _ = plain.train(plain.init_state(0), _batch(size=4), jax.random.key(1))
     assert state.teacher is None
     np.testing.assert_array_equal(
         plain.evaluate(state, inputs, teacher=True)[1], plain.evaluate(state, inputs)[1]
@@ -158,7 +167,7 @@ def test_teacher_evaluation_uses_the_teacher_and_falls_back_to_the_model():
     config = dataclasses.replace(CONFIG, teacher_decay=0.9)
     ema = Steps(MODEL, optax.sgd(0.5), config, parallel="none")
     fresh = ema.init_state(0)
-    state, _ = ema.train(ema.init_state(0), _batch(size=4), jax.random.key(1))
+    state, _, _ = ema.train(ema.init_state(0), _batch(size=4), jax.random.key(1))
     student = np.asarray(ema.evaluate(state, inputs)[1])
     teacher = np.asarray(ema.evaluate(state, inputs, teacher=True)[1])
     assert not np.allclose(student, teacher)
@@ -226,3 +235,31 @@ def test_train_step_takes_cross_entropy_from_soft_targets_and_dice_from_hard_lab
     np.testing.assert_allclose(
         first_losses(soft, 1.0) - first_losses(one_hot, 1.0), cross_entropy_change, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("mode", ["none", "pmap", "shard_map"])
+def test_a_non_finite_loss_or_gradient_skips_the_update_in_every_parallel_mode(mode):
+    """A NaN pixel gives a non-finite loss; an infinite weight finite losses but a
+    non-finite gradient. Either way the whole state (parameters, optimiser, batch statistics
+    under pmap and shard_map, teacher without) stays bit for bit as it was, but for its step
+    count."""
+    # Settings other tests compile too (positional, as _one_step passes them).
+    if mode == "none":
+        steps = _sgd_steps(mode, MODEL, dataclasses.replace(CONFIG, teacher_decay=0.75))
+    else:
+        steps = _sgd_steps(mode, dataclasses.replace(MODEL, norm="batch"), CONFIG)
+    nan_pixel, infinite_weight = _batch(), _batch()
+    nan_pixel["image"][5, 3, 3] = np.nan  # a sample on the second of four devices
+    infinite_weight["weight"][2] = np.inf
+    state = steps.init_state(0)
+    before = steps.get_state(state)
+    for step, batch in enumerate([nan_pixel, infinite_weight], 1):
+        state, _, finite = steps.train(state, batch, jax.random.key(1))
+        assert not bool(finite)
+        after = steps.get_state(state)
+        assert int(after.step) == step
+        kept = jax.tree.leaves(after.replace(step=before.step))
+        for a, b in zip(kept, jax.tree.leaves(before), strict=True):
+            np.testing.assert_array_equal(a, b)
+    state, _, finite = steps.train(state, _batch(), jax.random.key(1))
+    assert bool(finite) and int(steps.get_state(state).step) == 3

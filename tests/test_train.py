@@ -1,5 +1,6 @@
 """The loop end to end on a tiny phantom: one epoch from the command line, cleansing, resume."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -459,3 +460,33 @@ def test_slices_whose_drawn_structures_the_model_misses_keep_their_labels(tiny_d
     np.testing.assert_array_equal(bank.weights[missed], 3.0)
     np.testing.assert_array_equal(bank.targets[missed], bank.given[missed])
     assert set(np.unique(bank.weights[~missed])) <= {0.0, 1.0 / 3.0, 1.0}  # the LFM's own
+
+
+def _with_a_nan_pixel(dataset, sample: int):
+    """The dataset with one NaN pixel in training slice `sample`: every step that trains on
+    it has a non-finite loss."""
+    images = dataset.train.images.copy()
+    images[sample, 5, 5, 0] = np.nan
+    return dataclasses.replace(dataset, train=dataclasses.replace(dataset.train, images=images))
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_past_the_limit(
+    tmp_path, tiny_dataset
+):
+    poisoned = _with_a_nan_pixel(tiny_dataset, sample=3)
+    config = tiny_config(**{"method": "baseline", "train.epochs": 2, "train.checkpoint": False})
+    trainer = train.Trainer(config, tmp_path / "skip", poisoned)
+    summary = trainer.run()  # one of the two steps of each epoch is skipped
+    lines = (tmp_path / "skip/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["nonfinite_steps"] for line in lines] == [1, 2]
+    assert np.isfinite(summary["test_dice"])
+    params = jax.tree.leaves(trainer.steps.get_state(trainer.state).params)
+    assert all(np.isfinite(p).all() for p in params)
+
+    config.train.nonfinite_limit = 1
+    with pytest.raises(train.NonFiniteError, match=r"2 steps skipped .*nonfinite_limit \(1\)"):
+        train.Trainer(config, tmp_path / "limit", poisoned).run()
+    config.train.nonfinite = "stop"
+    with pytest.raises(train.NonFiniteError, match=r"epoch 0\): non-finite .*nonfinite=stop"):
+        train.Trainer(config, tmp_path / "stop", poisoned).run()
+    assert not (tmp_path / "stop" / "metrics.jsonl").exists()
