@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 5
     c.train.checkpoint = True  # save to WORKDIR/checkpoints and resume from there
     c.train.checkpoint_every = 5  # epochs; the last epoch is always saved
+    c.train.checkpoint_every_steps = 0  # also every this many training steps; 0: off
+    c.train.checkpoint_every_minutes = 5.0  # also after a step this long since the last; 0: off
+    c.train.checkpoint_keep = 2  # checkpoints kept (the newest)
     c.train.record_dynamics = True  # per-slice losses, w and flags: WORKDIR/dynamics/*.npz
     c.train.data_workers = 0  # grain read threads for the training batches; 0: in the loop
     c.train.nonfinite = "skip"  # a non-finite loss or gradient: skip the step, or stop the run

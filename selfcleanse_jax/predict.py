@@ -44,7 +44,7 @@ class TrainedModel:
     model_config: UNetConfig
     steps: Steps
     state: TrainState  # placed for `steps`
-    epoch: int
+    epoch: int  # the epoch the checkpoint was taken in (at its end, or inside it)
 
     @property
     def num_classes(self) -> int:
@@ -118,12 +118,13 @@ def load_trained(workdir: str | Path, parallel: str | None = None) -> TrainedMod
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir():
         raise ValueError(f"{checkpoints}: no checkpoint found")
-    checkpointer = Checkpointer(workdir)
+    checkpointer = Checkpointer(workdir, read_only=True)
     try:
-        epoch = checkpointer.latest_epoch()
-        if epoch is None:
+        step = checkpointer.latest_step()
+        if step is None:
             raise ValueError(f"{checkpoints}: no checkpoint found")
-        in_channels, num_classes = _saved_shapes(checkpointer.restore_state(epoch))
+        epoch = checkpointer.read_meta(step)["epoch"]
+        in_channels, num_classes = _saved_shapes(checkpointer.restore_state(step))
         mc = model_config(config, in_channels, num_classes)
         t = config.train
         # Only the optimiser state's structure matters for the restore template.
@@ -132,7 +133,7 @@ def load_trained(workdir: str | Path, parallel: str | None = None) -> TrainedMod
             mc, optimizer.build(), step_config(config, num_classes), parallel or config.parallel
         )
         template = steps.get_state(steps.init_state(config.seed))
-        state = steps.put_state(checkpointer.restore_state(epoch, template))
+        state = steps.put_state(checkpointer.restore_state(step, template))
     finally:
         checkpointer.close()
     return TrainedModel(config=config, model_config=mc, steps=steps, state=state, epoch=epoch)

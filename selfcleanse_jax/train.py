@@ -295,6 +295,9 @@ class Trainer:
                 f"got {config.train.nonfinite!r}"
             )
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient
+        # The epoch under way: its record so far and its slices' training losses so far.
+        self.epoch_record: dict = {}
+        self.epoch_losses = np.full(len(train), np.nan, np.float32)
 
     # -- one cleansing round -------------------------------------------------------------
     def cleansing_round(self, epoch: int) -> dict:
@@ -480,15 +483,21 @@ class Trainer:
             return float(warmup_weight)
         return float(self.config.train.dice_weight)
 
-    def train_epoch(self, epoch: int) -> np.ndarray:
+    def inside(self, epoch: int) -> bool:
+        """Whether the input pipeline stands inside `epoch` with some of its steps done."""
+        saved = self.data_state
+        return bool(saved and saved["epoch"] == epoch and saved["step"] < self.steps_per_epoch)
+
+    def train_epoch(self, epoch: int, checkpointer: Checkpointer | None = None) -> np.ndarray:
         """One pass over the training slices; each slice's training loss (NaN if not seen).
 
-        Continues from `data_state` when it stands inside this epoch (a mid-epoch resume); a
-        finished epoch's state starts the epoch afresh.
+        Continues from `data_state` when it stands inside this epoch (a mid-epoch resume, the
+        losses of its earlier steps in `epoch_losses`); a finished epoch's state starts the
+        epoch afresh. With a checkpointer, saves after a step when its interval is due.
         """
-        saved = self.data_state
-        inside = saved and saved["epoch"] == epoch and saved["step"] < self.steps_per_epoch
-        resumed = saved if inside else None
+        resumed = self.data_state if self.inside(epoch) else None
+        if resumed is None:
+            self.epoch_losses = np.full(len(self.dataset.train), np.nan, np.float32)
         step = resumed["step"] if resumed else 0
         batches = pipeline.epoch_iterator(
             self.epoch_dataset(epoch),
@@ -511,12 +520,23 @@ class Trainer:
             if unchecked is not None:
                 self.count_nonfinite(*unchecked)
             unchecked = (finite, global_step + 1, epoch)
+            # A save due at the epoch's last step waits for the epoch's record (`run`).
+            if checkpointer and step < self.steps_per_epoch and checkpointer.due(global_step + 1):
+                self.count_nonfinite(*unchecked)
+                unchecked = None
+                self._collect_losses(seen, losses)
+                self.save(checkpointer, epoch)
         if unchecked is not None:
             self.count_nonfinite(*unchecked)
-        per_sample = np.full(len(self.dataset.train), np.nan, np.float32)
+        self._collect_losses(seen, losses)
+        return self.epoch_losses
+
+    def _collect_losses(self, seen: list[np.ndarray], losses: list[jax.Array]) -> None:
+        """Move the losses of the steps so far from the device into `epoch_losses`."""
         if seen:
-            per_sample[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
-        return per_sample
+            self.epoch_losses[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
+            seen.clear()
+            losses.clear()
 
     def count_nonfinite(self, finite: jax.Array, step: int, epoch: int) -> None:
         """Count a step that the train step skipped for a non-finite loss or gradient, and
@@ -589,29 +609,47 @@ class Trainer:
         }
         return arrays if bank.soft is None else {**arrays, "soft": bank.soft}
 
+    def _partial_arrays(self) -> dict[str, np.ndarray]:
+        """Per-sample arrays of the epoch under way, for checkpoints taken inside it."""
+        lfm_input = self.lfm_input
+        if lfm_input is None:
+            lfm_input = np.full(len(self.dataset.train), np.nan, np.float32)
+        return {"train_loss": self.epoch_losses, "lfm_input": lfm_input}
+
     def save(self, checkpointer: Checkpointer, epoch: int) -> None:
+        """Checkpoint everything that decides the rest of the run, after the last step of
+        `data_state`: inside `epoch` (with the epoch's record and losses so far) or at its end
+        (its record written)."""
+        finished = not self.inside(epoch)
+        meta = {
+            "epoch": epoch,
+            "epoch_finished": finished,
+            "method": self.config.method,
+            "cleansing_from": self.cleansing_from,
+            "train_dice_history": self.train_dice_history,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        if not finished:
+            meta["record"] = self.epoch_record
         checkpointer.save(
-            epoch,
+            epoch * self.steps_per_epoch + self.data_state["step"],
             self.steps.get_state(self.state),
             self._bank_arrays(),
-            {
-                "epoch": epoch,
-                "method": self.config.method,
-                "cleansing_from": self.cleansing_from,
-                "train_dice_history": self.train_dice_history,
-                "nonfinite_steps": self.nonfinite_steps,
-            },
+            json.loads(json.dumps(meta)),  # a copy: the record changes while it is written
             self.data_state,
+            None if finished else self._partial_arrays(),
         )
 
     def resume(self, checkpointer: Checkpointer) -> int:
-        """Load the latest checkpoint in the workdir, if any; return the next epoch to run."""
-        epoch = checkpointer.latest_epoch()
-        if epoch is None:
-            return 0
-        state, bank, meta, self.data_state = checkpointer.restore(
-            epoch, self.steps.get_state(self.state), self._bank_arrays()
+        """Load the newest readable checkpoint in the workdir, if any; return the epoch to
+        run next (the one it stands inside, or the one after the epoch it finished)."""
+        latest = checkpointer.restore_latest(
+            self.steps.get_state(self.state), self._bank_arrays(), self._partial_arrays()
         )
+        if latest is None:
+            return 0
+        step, (state, bank, meta, self.data_state, partial) = latest
+        epoch = meta["epoch"]
         if self.adaptive:
             self.cleansing_from = meta.get("cleansing_from")
             self.train_dice_history = meta.get("train_dice_history", [])
@@ -621,18 +659,32 @@ class Trainer:
         self.loss_history = [row for row in history if not np.isnan(row).all()]
         for name, array in bank.items():
             getattr(self.bank, name)[...] = array
-        log.info("resumed from %s after epoch %d", checkpointer.manager.directory, epoch)
-        return epoch + 1
+        finished = meta.get("epoch_finished", True)  # older runs saved at epoch ends only
+        if not finished:
+            self.epoch_record = meta["record"]
+            self.epoch_losses = partial["train_loss"]
+            self.lfm_input = partial["lfm_input"]
+        log.info(
+            "resumed from the checkpoint of step %d in %s, %s epoch %d",
+            step,
+            checkpointer.directory,
+            "after" if finished else "inside",
+            epoch,
+        )
+        return epoch + 1 if finished else epoch
 
     def run_epoch(self, epoch: int, checkpointer: Checkpointer | None) -> dict:
-        """A cleansing round (after the warm-up), an epoch of training, evaluation, checkpoint."""
+        """A cleansing round (after the warm-up), an epoch of training, evaluation; the
+        epoch's record. A run resumed inside the epoch continues its round's record."""
         config = self.config
-        record: dict = {"epoch": epoch}
         cleanses = config.method in ("filter", "selfcleanse")
         cleansing = cleanses and self.cleansing_begun(epoch)
-        if cleansing:
-            record["cleanse"] = self.cleansing_round(epoch)
-        train_loss = self.train_epoch(epoch)
+        if not self.inside(epoch):
+            self.epoch_record = {"epoch": epoch}
+            if cleansing:
+                self.epoch_record["cleanse"] = self.cleansing_round(epoch)
+        record = self.epoch_record
+        train_loss = self.train_epoch(epoch, checkpointer)
         record["train_loss"] = float(np.nanmean(train_loss))
         if self.nonfinite_steps:
             record["nonfinite_steps"] = self.nonfinite_steps
@@ -644,9 +696,17 @@ class Trainer:
         every = config.train.eval_every
         if last or (every and (epoch + 1) % every == 0):
             record.update(self.evaluate_test())
-        if checkpointer and (last or (epoch + 1) % config.train.checkpoint_every == 0):
-            self.save(checkpointer, epoch)
         return record
+
+    def epoch_end_save_due(self, epoch: int, checkpointer: Checkpointer) -> bool:
+        """Whether to checkpoint at the end of `epoch`: the last one, every
+        `train.checkpoint_every` epochs, or when a step or time interval is due."""
+        every = self.config.train.checkpoint_every
+        return (
+            epoch == self.config.train.epochs - 1
+            or bool(every and (epoch + 1) % every == 0)
+            or checkpointer.due((epoch + 1) * self.steps_per_epoch)
+        )
 
     def run(self) -> dict:
         """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
@@ -658,7 +718,14 @@ class Trainer:
         with saved.unlocked():
             saved.data.modality = self.dataset.modality
         atomic.write_text(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
-        checkpointer = Checkpointer(self.workdir) if config.train.checkpoint else None
+        checkpointer = None
+        if config.train.checkpoint:
+            checkpointer = Checkpointer(
+                self.workdir,
+                keep=config.train.get("checkpoint_keep", 2),
+                every_steps=config.train.get("checkpoint_every_steps", 0),
+                every_minutes=config.train.get("checkpoint_every_minutes", 0.0),
+            )
         start = time.perf_counter()
         record: dict = {}
         try:
@@ -681,9 +748,14 @@ class Trainer:
                 )
                 if jax.process_index() == 0:
                     atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
+                if checkpointer and self.epoch_end_save_due(epoch, checkpointer):
+                    self.save(checkpointer, epoch)
         finally:
             if checkpointer:
                 checkpointer.close()
+        if not record and (self.workdir / METRICS_FILE).is_file():
+            # Every epoch was trained and saved before: the last epoch's record is the result.
+            record = atomic.read_jsonl(self.workdir / METRICS_FILE)[0][-1]
         if "test_dice" not in record:
             record.update(self.evaluate_test())
         summary = {
@@ -715,6 +787,9 @@ NON_RESULT_KEYS = frozenset(
         "train.data_workers",
         "train.checkpoint",
         "train.checkpoint_every",
+        "train.checkpoint_every_steps",
+        "train.checkpoint_every_minutes",
+        "train.checkpoint_keep",
         "train.eval_every",
         "train.record_dynamics",
         "train.nonfinite",

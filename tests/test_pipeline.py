@@ -132,8 +132,8 @@ def test_iterator_state_survives_a_checkpoint(tmp_path):
     checkpointer = Checkpointer(tmp_path)
     checkpointer.save(0, state, bank, {"epoch": 0}, data)
     checkpointer.save(1, state, bank, {"epoch": 1})
-    _, _, _, restored = checkpointer.restore(0, state, bank)
-    _, _, meta, missing = checkpointer.restore(1, state, bank)
+    _, _, _, restored, _ = checkpointer.restore(0, state, bank)
+    _, _, meta, missing, _ = checkpointer.restore(1, state, bank)
     checkpointer.close()
     assert restored == data and missing is None and meta == {"epoch": 1}
     resumed = pipeline.epoch_iterator(dataset, 0, restored["iterator"])

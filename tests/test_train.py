@@ -154,7 +154,7 @@ def test_oracle_trains_on_clean_labels(tmp_path, tiny_dataset):
     assert trainer.noise.is_noisy.any()
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset, caplog):
     config = tiny_config(
         **{
             "method": "selfcleanse",
@@ -167,16 +167,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dataset):
     first.run()
     steps = first.steps_per_epoch
     assert first.data_state == {"epoch": 1, "step": steps, "iterator": {"next_index": steps}}
-    # As if a longer run had logged epoch 2 and died before checkpointing it.
+    # As if a longer run had logged epoch 2, died before checkpointing it, and been killed
+    # while writing epoch 3's line.
     with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"epoch": 2, "train_loss": -1.0}) + "\n")
+        f.write(json.dumps({"epoch": 2, "train_loss": -1.0}) + "\n" + '{"epoch": 3, "tra')
     config.train.epochs = 3
     second = train.Trainer(config, tmp_path, tiny_dataset)
     checkpointer = Checkpointer(tmp_path)
     assert second.resume(checkpointer) == 2
     checkpointer.close()
     assert second.data_state == first.data_state
-    second.run()
+    with caplog.at_level("INFO"):
+        second.run()
+    assert "metrics.jsonl: dropped a torn last line" in caplog.text
+    assert "dropped the records of epoch 2 on (1)" in caplog.text
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert records[2]["train_loss"] > 0
@@ -361,7 +365,8 @@ def test_ema_teacher_drives_the_lfm_and_survives_a_checkpoint(tmp_path, tiny_dat
     # Epoch 1's LFM losses are the teacher's after epoch 0 (checkpointed), not the model's.
     checkpointer = Checkpointer(tmp_path)
     template = trainer.steps.get_state(trainer.state)
-    after_epoch_0 = trainer.steps.put_state(checkpointer.restore_state(0, template))
+    saved = checkpointer.restore_state(trainer.steps_per_epoch, template)  # after epoch 0
+    after_epoch_0 = trainer.steps.put_state(saved)
     lfm = np.load(tmp_path / "dynamics" / "epoch_0001.npz")["lfm_loss"]
     table, given, size = tiny_dataset.train, trainer.bank.given, config.train.eval_batch_size
     steps = trainer.steps
