@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,6 +37,13 @@ class UsageError(Exception):
 
 
 NOISE_PARAM_PREFIX = "--config.noise.params."
+
+
+def _preempted(error: BaseException) -> bool:
+    """Whether `error` is a run stopped by a signal after saving (`train.Preempted`; only a
+    command that trains raises it, and it has imported train)."""
+    train = sys.modules.get("selfcleanse_jax.train")
+    return train is not None and isinstance(error, train.Preempted)
 
 
 def _one_line(error: Exception) -> str:
@@ -114,7 +122,8 @@ be overridden, e.g. --config.method=baseline --config.noise.kind=paper-l
 --config.train.epochs=20. Writes DIR/config.json,
 DIR/metrics.jsonl, DIR/noise_card.json, DIR/checkpoints/ and, when done, DIR/summary.json.
 Rerunning the same command resumes an unfinished run and reports a finished one; a DIR
-holding another config is refused unless --overwrite."""
+holding another config is refused unless --overwrite. SIGTERM or Ctrl-C finishes the step
+under way, saves a checkpoint there and exits 0."""
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -434,6 +443,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfcleanse: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not _preempted(e):
+            raise
+        command = shlex.join(["selfcleanse", *argv])
+        print(f"selfcleanse: {e}; to resume, run the same command: {command}", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grain
@@ -44,6 +48,37 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 class NonFiniteError(ValueError):
     """The run stopped on non-finite losses or gradients (`train.nonfinite`)."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT after saving a checkpoint at the step it had
+    finished; the same command resumes it."""
+
+
+@contextlib.contextmanager
+def stop_signals(requested: list[str]) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT do not end the process but append their name to
+    `requested`, for the loop to finish its step, save and stop; a second signal acts as it
+    would outside. Only in the main thread, where Python allows signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def ask_to_stop(number: int, frame) -> None:
+        for other, handler in previous.items():
+            signal.signal(other, handler)
+        name = signal.Signals(number).name
+        requested.append(name)
+        log.warning("%s: finishing this step, then saving and stopping (again: stop now)", name)
+
+    for number in previous:
+        signal.signal(number, ask_to_stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -295,6 +330,7 @@ class Trainer:
                 f"got {config.train.nonfinite!r}"
             )
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient
+        self.stop_requested: list[str] = []  # the signals that asked the run to stop
         # The epoch under way: its record so far and its slices' training losses so far.
         self.epoch_record: dict = {}
         self.epoch_losses = np.full(len(train), np.nan, np.float32)
@@ -521,11 +557,16 @@ class Trainer:
                 self.count_nonfinite(*unchecked)
             unchecked = (finite, global_step + 1, epoch)
             # A save due at the epoch's last step waits for the epoch's record (`run`).
-            if checkpointer and step < self.steps_per_epoch and checkpointer.due(global_step + 1):
+            if (
+                checkpointer
+                and step < self.steps_per_epoch
+                and (self.stop_requested or checkpointer.due(global_step + 1))
+            ):
                 self.count_nonfinite(*unchecked)
                 unchecked = None
                 self._collect_losses(seen, losses)
                 self.save(checkpointer, epoch)
+                self.stop_if_requested(checkpointer)
         if unchecked is not None:
             self.count_nonfinite(*unchecked)
         self._collect_losses(seen, losses)
@@ -698,18 +739,63 @@ class Trainer:
             record.update(self.evaluate_test())
         return record
 
+    def stop_if_requested(self, checkpointer: Checkpointer) -> None:
+        """Raise Preempted when a signal asked the run to stop (its checkpoint just saved)."""
+        if self.stop_requested:
+            state = self.data_state
+            raise Preempted(
+                f"stopped by {self.stop_requested[0]} after step "
+                f"{state['epoch'] * self.steps_per_epoch + state['step']} (epoch "
+                f"{state['epoch']}), saved in {checkpointer.directory}"
+            )
+
     def epoch_end_save_due(self, epoch: int, checkpointer: Checkpointer) -> bool:
         """Whether to checkpoint at the end of `epoch`: the last one, every
-        `train.checkpoint_every` epochs, or when a step or time interval is due."""
+        `train.checkpoint_every` epochs, when a step or time interval is due, or when a
+        signal asked the run to stop."""
         every = self.config.train.checkpoint_every
         return (
-            epoch == self.config.train.epochs - 1
+            bool(self.stop_requested)
+            or epoch == self.config.train.epochs - 1
             or bool(every and (epoch + 1) % every == 0)
             or checkpointer.due((epoch + 1) * self.steps_per_epoch)
         )
 
+    def train_epochs(self, checkpointer: Checkpointer | None, start: float) -> dict:
+        """The epochs from where the workdir's checkpoint stands (`start`: the run's clock);
+        each epoch's record is written, then its checkpoint when due. The last record."""
+        config = self.config
+        first_epoch = self.resume(checkpointer) if checkpointer else 0
+        if jax.process_index() == 0:
+            keep_records_before(self.workdir, first_epoch)
+        bar = tqdm(
+            range(first_epoch, config.train.epochs),
+            desc=config.method,
+            unit="epoch",
+            leave=False,
+            disable=not config.progress,
+        )
+        record: dict = {}
+        for epoch in bar:
+            record = self.run_epoch(epoch, checkpointer)
+            record["seconds"] = time.perf_counter() - start
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.3f}",
+                dice=f"{record.get('test_dice', float('nan')):.3f}",
+            )
+            if jax.process_index() == 0:
+                atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
+            if checkpointer and self.epoch_end_save_due(epoch, checkpointer):
+                self.save(checkpointer, epoch)
+                self.stop_if_requested(checkpointer)
+        return record
+
     def run(self) -> dict:
-        """Train all epochs (resuming from the workdir's checkpoint when there is one)."""
+        """Train all epochs (resuming from the workdir's checkpoint when there is one).
+
+        With checkpoints on, in a single process, SIGTERM or SIGINT stops the run after the
+        step under way, with a checkpoint there: Preempted says so.
+        """
         config = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.noise.save(self.workdir / "noise_card.json")
@@ -727,29 +813,12 @@ class Trainer:
                 every_minutes=config.train.get("checkpoint_every_minutes", 0.0),
             )
         start = time.perf_counter()
-        record: dict = {}
+        # Several processes would stop at different steps; one alone stops where asked.
+        stoppable = checkpointer is not None and jax.process_count() == 1
+        signals = stop_signals(self.stop_requested) if stoppable else contextlib.nullcontext()
         try:
-            first_epoch = self.resume(checkpointer) if checkpointer else 0
-            if jax.process_index() == 0:
-                keep_records_before(self.workdir, first_epoch)
-            bar = tqdm(
-                range(first_epoch, config.train.epochs),
-                desc=config.method,
-                unit="epoch",
-                leave=False,
-                disable=not config.progress,
-            )
-            for epoch in bar:
-                record = self.run_epoch(epoch, checkpointer)
-                record["seconds"] = time.perf_counter() - start
-                bar.set_postfix(
-                    loss=f"{record['train_loss']:.3f}",
-                    dice=f"{record.get('test_dice', float('nan')):.3f}",
-                )
-                if jax.process_index() == 0:
-                    atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
-                if checkpointer and self.epoch_end_save_due(epoch, checkpointer):
-                    self.save(checkpointer, epoch)
+            with signals:
+                record = self.train_epochs(checkpointer, start)
         finally:
             if checkpointer:
                 checkpointer.close()

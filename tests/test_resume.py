@@ -3,6 +3,8 @@ never interrupted; checkpoints that cannot be read are set aside, never trusted.
 
 import json
 import random
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from selfcleanse_jax import train
+from selfcleanse_jax import cli, train
 from selfcleanse_jax.checkpoint import Checkpointer, CheckpointError
 from tiny import TINY, tiny_config
 
@@ -28,11 +30,16 @@ RUN = [
 ]
 
 
+def _command(workdir: Path) -> list[str]:
+    """The command line of the tiny run into `workdir`."""
+    config = ["--config", "configs/phantom.py"]
+    return ["selfcleanse", "train", *config, "--workdir", str(workdir), *RUN]
+
+
 def _launch(workdir: Path, log: Path) -> subprocess.Popen:
     """`selfcleanse train` of the tiny run in a process of its own (compiled programs come
     from the session's persistent cache, see conftest.py, after the first launch)."""
-    command = [sys.executable, "-m", "selfcleanse_jax.cli", "train"]
-    command += ["--config", "configs/phantom.py", "--workdir", str(workdir), *RUN]
+    command = [sys.executable, "-m", "selfcleanse_jax.cli", *_command(workdir)[1:]]
     with log.open("a") as out:
         return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=out)
 
@@ -87,32 +94,51 @@ def _results(workdir: Path) -> dict:
             "step": step, "state": state}  # fmt: skip
 
 
-def test_a_run_killed_at_random_moments_ends_exactly_as_an_uninterrupted_one(tmp_path):
-    reference = _launch(tmp_path / "reference", tmp_path / "reference.log")
-    assert reference.wait() == 0, (tmp_path / "reference.log").read_text()
+def test_a_run_stopped_and_killed_at_random_moments_ends_exactly_as_an_uninterrupted_one(
+    tmp_path,
+):
+    """SIGTERM: exit 0 with a checkpoint at the step finished and one line on how to resume;
+    then SIGKILL twice, once right after a checkpoint inside an epoch with a cleansing round
+    and once at a random moment; then the rest: all equal to the reference bit for bit."""
+    # The reference trains in this process, so its programs are compiled (and cached for the
+    # processes below) where earlier tests have compiled the model's initialisation.
+    config, reference, _ = cli._parse_train(_command(tmp_path / "reference")[2:])
+    train.run(config, reference)
 
-    workdir, log = tmp_path / "killed", tmp_path / "killed.log"
+    workdir = tmp_path / "interrupted"
+    logs = [tmp_path / f"attempt_{n}.log" for n in range(3)]
     rng = random.Random(0)
-    kills = 0
 
     def new_checkpoint(inside_a_cleansing_epoch: bool = False):
         """A condition: a checkpoint newer than now exists (one taken inside an epoch with a
         cleansing round, when asked: after its first step from epoch 1 on)."""
         before = max(_checkpoint_steps(workdir), default=0)
+
+        def inside(step: int) -> bool:
+            return step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH != 0
+
         return lambda: any(
-            step > before
-            and (
-                not inside_a_cleansing_epoch or (step > STEPS_PER_EPOCH and step % STEPS_PER_EPOCH)
-            )
+            step > before and (inside(step) or not inside_a_cleansing_epoch)
             for step in _checkpoint_steps(workdir)
         )
 
-    # Killed right after a checkpoint inside a cleansing epoch, then at a random moment.
-    kills += _kill_when(_launch(workdir, log), new_checkpoint(inside_a_cleansing_epoch=True))
-    kills += _kill_when(_launch(workdir, log), new_checkpoint(), delay=rng.uniform(0.0, 0.6))
-    assert _launch(workdir, log).wait() == 0, log.read_text()
-    assert kills == 2, log.read_text()
-    assert "inside epoch 1" in log.read_text(), log.read_text()
+    stopped = _launch(workdir, logs[0])
+    assert _wait_until(stopped, new_checkpoint())
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait() == 0, logs[0].read_text()
+    last_line = logs[0].read_text().strip().splitlines()[-1]
+    assert "stopped by SIGTERM after step" in last_line
+    assert last_line.endswith(f"to resume, run the same command: {shlex.join(_command(workdir))}")
+    step = int(last_line.split("after step ")[1].split()[0])
+    assert max(_checkpoint_steps(workdir)) == step
+
+    kills = _kill_when(_launch(workdir, logs[1]), new_checkpoint(inside_a_cleansing_epoch=True))
+    kills += _kill_when(_launch(workdir, logs[2]), new_checkpoint(), rng.uniform(0.0, 0.6))
+    text = "".join(log.read_text() for log in logs)
+    assert kills == 2, text
+    assert f"resumed from the checkpoint of step {step} " in logs[1].read_text()
+    assert ", inside epoch 1" in text, text  # a resume inside an epoch with a cleansing round
+    train.run(config, workdir)  # the rest, in this process
 
     expected, got = _results(tmp_path / "reference"), _results(workdir)
     assert got["step"] == expected["step"] == 4 * STEPS_PER_EPOCH
