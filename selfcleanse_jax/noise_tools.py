@@ -23,14 +23,26 @@ import numpy as np
 
 from selfcleanse_jax import noise
 
-_SUFFIX = ".nii.gz"
-
 
 def _num_classes(description: dict, cases: list) -> int:
     labels = description.get("labels") or {}
     keys = [int(k) for k in labels if str(k).lstrip("-").isdigit()]
     observed = [int(v) for c in cases for v in np.unique(c.label) if v != noise.IGNORE_INDEX]
     return max([*keys, *observed, 1]) + 1
+
+
+def _label_files_within(root: Path, files: Mapping[str, Path]) -> dict[str, Path]:
+    """The label files relative to the dataset folder `root` (ValueError for one outside)."""
+    relative = {}
+    for name, path in files.items():
+        try:
+            relative[name] = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            raise ValueError(
+                f"{path}: the label file of {name} lies outside {root}; the noisy copy can "
+                "only replace files inside the dataset folder"
+            ) from None
+    return relative
 
 
 def corrupt_dataset(
@@ -46,16 +58,18 @@ def corrupt_dataset(
     `rate` None (or negative) takes the default of `kind` (a protocol's own rate).
 
     The copy holds everything of the input (dataset.json, imagesTr, imagesTs, labelsTs, ...)
-    byte for byte, except `labelsTr/`, whose volumes are corrupted slice by slice (see the
-    module docstring for the sample ids); the clean training labels go to `labelsTr_clean/`
-    and the noise card, with each record's "case" and "z", to `noise_card.json`. Volumes with
-    no noisy slice are copied unchanged. Everything is written to a temporary sibling
+    byte for byte, except the training labels (in `labelsTr/`, or where dataset.json lists
+    them; `.nii` or `.nii.gz`), whose volumes are corrupted slice by slice (see the module
+    docstring for the sample ids) and written back under their own names; the clean training
+    labels go to `labelsTr_clean/` under the same file names, and the noise card, with each
+    record's "case" and "z", to `noise_card.json`. Volumes with no noisy slice are copied
+    unchanged. Everything is written to a temporary sibling
     directory renamed into place at the end. An existing non-empty `output_root` is refused
     (ValueError). Returns `output_root`.
     """
     import nibabel as nib
 
-    from selfcleanse_jax.data.msd import msd_info, read_msd
+    from selfcleanse_jax.data.msd import msd_info, read_msd, training_label_files
 
     input_root, output_root = Path(input_root), Path(output_root)
     if output_root.exists() and (not output_root.is_dir() or any(output_root.iterdir())):
@@ -63,6 +77,7 @@ def corrupt_dataset(
     if output_root.resolve() == input_root.resolve():
         raise ValueError(f"{output_root}: output must differ from the input")
     cases, description = read_msd(input_root, "train")
+    label_files = _label_files_within(input_root, training_label_files(input_root))
     num_classes = _num_classes(description, cases)
     class_names = msd_info(description, input_root / "dataset.json")[0]
     rate = noise.resolve_rate(kind, rate)
@@ -85,17 +100,19 @@ def corrupt_dataset(
     try:
         shutil.copytree(input_root, staging, dirs_exist_ok=True, symlinks=False)
         staging.chmod(0o755)
-        labels_dir, clean_dir = staging / "labelsTr", staging / "labelsTr_clean"
+        clean_dir = staging / "labelsTr_clean"
         if clean_dir.exists():
             raise ValueError(f"{input_root}: already holds labelsTr_clean/ (a corrupted copy?)")
-        shutil.copytree(labels_dir, clean_dir)
+        clean_dir.mkdir()
+        for relative in label_files.values():
+            shutil.copy2(staging / relative, clean_dir / relative.name)
         records = []
         for case, realisation in zip(cases, realisations, strict=True):
             for z, record in enumerate(realisation.records):
                 records.append({"case": case.name, "z": z, **record})
             if not realisation.is_noisy.any():
                 continue
-            path = labels_dir / f"{case.name}{_SUFFIX}"
+            path = staging / label_files[case.name]  # its own name and ending (.nii, .nii.gz)
             original = nib.load(path)
             shape = original.shape
             noisy = np.moveaxis(realisation.noisy_labels, 0, -1).reshape(shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -70,6 +71,49 @@ def test_corrupt_dataset_is_reproducible_and_refuses_to_overwrite(dataset, tmp_p
         corrupt_dataset(dataset, tmp_path / "c", "boundary", 0.5, 0, {"nope": 1})
     assert not (tmp_path / "c").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _as_nnunet_v2_with_nii(dataset, root):
+    """A copy of `dataset` in nnU-Net v2's dialect: `.nii` files and no file lists."""
+    description = json.loads((dataset / "dataset.json").read_text())
+    for path in dataset.rglob("*.nii.gz"):
+        target = root / path.relative_to(dataset).with_suffix("")  # x.nii.gz -> x.nii
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.load(path), target)
+    labels = {name: int(value) for value, name in description["labels"].items()}
+    (root / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "MRI"}, "labels": labels, "file_ending": ".nii"})
+    )
+    return root
+
+
+def _with_listed_label_names(dataset, root):
+    """A copy of `dataset` whose dataset.json lists label files named `<case>_seg.nii.gz`."""
+    shutil.copytree(dataset, root)
+    description = json.loads((root / "dataset.json").read_text())
+    for entry in description["training"]:
+        renamed = entry["label"].replace(".nii.gz", "_seg.nii.gz")
+        (root / entry["label"]).rename(root / renamed)
+        entry["label"] = renamed
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root
+
+
+@pytest.mark.parametrize("variant", [_as_nnunet_v2_with_nii, _with_listed_label_names])
+def test_corrupt_dataset_finds_the_label_files_dataset_json_names(dataset, tmp_path, variant):
+    source = variant(dataset, tmp_path / "source")
+    out = corrupt_dataset(source, tmp_path / "noisy", "boundary", 1.0, 0, {"radius": (1, 2)})
+    clean_cases, _ = read_msd(source, "train")
+    noisy_cases, _ = read_msd(out, "train")
+    assert sorted(p.name for p in (out / "labelsTr_clean").iterdir()) == sorted(
+        p.name for p in (source / "labelsTr").iterdir()
+    )
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == sorted(
+        p.name for p in (source / "labelsTr").iterdir()
+    )
+    card = json.loads((out / "noise_card.json").read_text())
+    changed = sum(np.sum(n.label != c.label) for n, c in zip(noisy_cases, clean_cases, strict=True))
+    assert changed == sum(r["pixels_changed"] for r in card["records"]) > 0
 
 
 def test_gallery_writes_a_png(tmp_path):

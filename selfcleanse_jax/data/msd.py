@@ -400,3 +400,11 @@ def iter_msd(
 def read_msd(root: Path, split: str = "train") -> tuple[list[Case], dict]:
     """Read one split of an MSD dataset (see `iter_msd`): (cases, dataset.json contents)."""
     return list(iter_msd(root, split)), read_dataset_json(Path(root))
+
+
+def training_label_files(root: Path) -> dict[str, Path]:
+    """Each training case's label file by case name, in the order `read_msd` reads the
+    cases: as dataset.json lists it, else `labelsTr/<case><file_ending>`."""
+    root = Path(root)
+    entries = _entries(root, "train", read_dataset_json(root))
+    return {name: label_path for name, _, label_path, _ in entries}
