@@ -56,6 +56,26 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
         demo.main(tmp_path, config=config)
 
 
+def test_the_table_shows_a_last_round_that_flagged_nothing_as_missing():
+    """No slice flagged: precision and the flagged slices' label Dice are None (not 0)."""
+    dice = {"right ventricle": 0.8, "myocardium": 0.7, "left ventricle": 0.9}
+    row = {"noise": "paper-b", "test_dice": 0.8, "test_dice_per_class": dice}
+    rows = [
+        {**row, "method": "baseline", "detection": None, "pseudo_label_dice": None},
+        {
+            **row,
+            "method": "selfcleanse",
+            "detection": {"auc": 0.75, "precision": None, "recall": 0.0},
+            "pseudo_label_dice": None,
+        },
+    ]
+    table = demo.markdown_table(rows).splitlines()
+    assert (
+        table[-1]
+        == "| paper-b | selfcleanse | 80.0 | 80.0 | 70.0 | 90.0 | 0.750 | n/a | 0.000 |  |"
+    )
+
+
 def test_demo_command_line_overrides_are_typed_and_checked():
     config = cli._apply_overrides(
         demo.demo_config(quick=True),
