@@ -41,10 +41,18 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+    except OSError as error:  # a full disk, say: the message names the file it was writing
+        partial.unlink(missing_ok=True)
+        raise _naming(error, path) from error
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` with `path` as its file name, when it names none."""
+    return error if error.filename else OSError(error.errno, error.strerror, str(path))
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -56,10 +64,13 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def append_line(path: str | Path, line: str) -> None:
     """Append `line` and a newline to `path`, on disk when this returns."""
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise _naming(error, Path(path)) from error
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], str | None]:

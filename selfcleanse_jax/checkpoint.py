@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,23 @@ def all_finite(tree: Any) -> bool:
         for leaf in jax.tree.leaves(tree)
         if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
     )
+
+
+def _hide_closed_loop_callbacks() -> None:
+    """Keep quiet the reads that a failed orbax restore leaves running: when they finish,
+    their callbacks find its event loop closed and would each print a traceback that says
+    nothing to the user ("Event loop is closed"). Any other unraisable error still shows."""
+    shown = sys.unraisablehook
+    if getattr(shown, "hides_closed_loops", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            shown(unraisable)
+
+    hook.hides_closed_loops = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -205,6 +223,7 @@ class Checkpointer:
         nothing is moved and a CheckpointError says why.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        _hide_closed_loop_callbacks()  # before a restore fails: its reads may finish at once
         failures = []
         for step in steps:
             try:

@@ -35,3 +35,11 @@ def test_a_broken_line_before_the_last_names_the_file_and_line(tmp_path):
     path.write_text('{"epoch": 0}\nnot json\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2: not JSON"):
         atomic.read_jsonl(path)
+
+
+def test_a_write_error_names_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    full = pytest.raises(OSError, match=r"No space left on device: '.*metrics.jsonl'")
+    with full, atomic.replacing(path):
+        raise OSError(28, "No space left on device")
+    assert not list(tmp_path.iterdir())

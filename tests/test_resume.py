@@ -161,8 +161,6 @@ def _truncate_largest_file(folder: Path) -> None:
         f.truncate(largest.stat().st_size // 2)
 
 
-# Orbax's failed restore leaves reads that finish after it closed their event loop.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_latest_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, caplog):
     config = tiny_config(**{"method": "baseline", "train.epochs": 2, "train.checkpoint_every": 1})
     train.Trainer(config, tmp_path).run()  # checkpoints after steps 2 and 4
