@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("selfcleanse_jax").setLevel(logging.INFO)
     debug = "--debug" in argv
+    if not debug:  # orbax logs its failures with tracebacks; they are reported in one line
+        for noisy in ("absl", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
     parser = build_parser()
     try:
         if argv and argv[0] == "train":
