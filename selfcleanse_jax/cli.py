@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfcleanse: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("selfcleanse: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if not _preempted(e):
             raise
