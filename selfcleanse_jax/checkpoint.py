@@ -266,11 +266,22 @@ class Checkpointer:
         ]
 
     def restore_state(self, step: int, state_template: Any = None) -> Any:
-        """Restore only the model/optimiser state of `step` (for evaluation and prediction).
+        """Restore only the model/optimiser state of `step` (for evaluation and prediction);
+        a CheckpointError when it cannot be read.
 
         With a template the result is host arrays shaped like it; without one, orbax's raw
         nested dicts (enough to read the saved parameter shapes).
         """
+        _hide_closed_loop_callbacks()
+        try:
+            return self._restore_state(step, state_template)
+        except Exception as error:  # orbax, tensorstore and json raise many types
+            raise CheckpointError(
+                f"{self.directory}: the checkpoint of step {step} cannot be read "
+                f"({_one_line(error)})"
+            ) from error
+
+    def _restore_state(self, step: int, state_template: Any) -> Any:
         if state_template is None:
             args = ocp.args.Composite(state=ocp.args.StandardRestore())
             return self.manager.restore(step, args=args)["state"]
