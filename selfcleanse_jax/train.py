@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from selfcleanse_jax import atomic, metrics
 from selfcleanse_jax.augment import AugmentConfig
-from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
@@ -847,7 +847,7 @@ METRICS_FILE = "metrics.jsonl"
 """One JSON line per finished epoch, appended and fsynced before the epoch's checkpoint."""
 
 RECORDS = ("config.json", "noise_card.json", METRICS_FILE, SUMMARY_FILE)
-RECORD_DIRS = ("checkpoints", "dynamics", "report", "eval")
+RECORD_DIRS = (CHECKPOINTS, UNREADABLE, "dynamics", "report", "eval")
 
 NON_RESULT_KEYS = frozenset(
     {
