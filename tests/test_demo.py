@@ -54,6 +54,13 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
     config.train.learning_rate = 0.01
     with pytest.raises(ValueError, match="another config"):
         demo.main(tmp_path, config=config)
+    # With --overwrite, the other config is trained afresh and reported as itself.
+    fresh = demo.main(tmp_path, config=config, noise_kinds=("paper-b",), overwrite=True)
+    before = {r["method"]: r["test_dice"] for r in saved["rows"] if r["noise"] == "paper-b"}
+    after = {r["method"]: r["test_dice"] for r in fresh["rows"]}
+    assert all(after[method] != before[method] for method in METHODS)
+    run_config = json.loads((tmp_path / "paper-b_baseline" / "config.json").read_text())
+    assert run_config["train"]["learning_rate"] == 0.01
 
 
 def test_the_table_shows_a_last_round_that_flagged_nothing_as_missing():
