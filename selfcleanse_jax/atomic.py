@@ -52,7 +52,11 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
 def _naming(error: OSError, path: Path) -> OSError:
     """`error` with `path` as its file name, when it names none."""
-    return error if error.filename else OSError(error.errno, error.strerror, str(path))
+    if error.filename:
+        return error
+    if error.errno is None:  # raised with a message only: keep it
+        return OSError(f"{path}: {error}")
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_text(path: str | Path, text: str) -> Path:
