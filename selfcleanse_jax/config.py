@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_minutes = 5.0  # also after a step this long since the last; 0: off
     c.train.checkpoint_keep = 2  # checkpoints kept (the newest)
     c.train.record_dynamics = True  # per-slice losses, w and flags: WORKDIR/dynamics/*.npz
+    c.train.tensorboard = False  # TensorBoard event files in WORKDIR/tensorboard (tensorboardX)
     c.train.data_workers = 0  # grain read threads for the training batches; 0: in the loop
     c.train.nonfinite = "skip"  # a non-finite loss or gradient: skip the step, or stop the run
     c.train.nonfinite_limit = 10  # skip: the run stops after more skipped steps than this

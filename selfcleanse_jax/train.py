@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import atomic, metrics
+from selfcleanse_jax import atomic, board, metrics
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
@@ -334,6 +334,7 @@ class Trainer:
         # The epoch under way: its record so far and its slices' training losses so far.
         self.epoch_record: dict = {}
         self.epoch_losses = np.full(len(train), np.nan, np.float32)
+        self.board: board.Board | None = None  # TensorBoard, opened by `train_epochs`
 
     # -- one cleansing round -------------------------------------------------------------
     def cleansing_round(self, epoch: int) -> dict:
@@ -429,6 +430,11 @@ class Trainer:
                 if soft is not None:
                     bank.soft[members] = np.asarray(soft, np.float16)
         view["flagged_share"] = len(flagged) / len(bank.flagged)
+        if self.board:
+            labels = {"clean": train.labels, "given": bank.given, "target": bank.targets}
+            self.board.cleansing_round(
+                epoch, result.normalised, train.images, {**labels, "prediction": predictions}
+            )
         record = {
             "flagged": int(len(flagged)),
             "gmm_means": [float(m) for m in np.asarray(result.fit.means)],
@@ -768,6 +774,8 @@ class Trainer:
         first_epoch = self.resume(checkpointer) if checkpointer else 0
         if jax.process_index() == 0:
             keep_records_before(self.workdir, first_epoch)
+            if config.train.get("tensorboard", False):
+                self.board = board.Board(self.workdir, first_epoch, self.noise.is_noisy)
         bar = tqdm(
             range(first_epoch, config.train.epochs),
             desc=config.method,
@@ -785,6 +793,8 @@ class Trainer:
             )
             if jax.process_index() == 0:
                 atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
+            if self.board:
+                self.board.epoch(record, self.epoch_losses)
             if checkpointer and self.epoch_end_save_due(epoch, checkpointer):
                 self.save(checkpointer, epoch)
                 self.stop_if_requested(checkpointer)
@@ -822,6 +832,8 @@ class Trainer:
         finally:
             if checkpointer:
                 checkpointer.close()
+            if self.board:
+                self.board.close()
         if not record and (self.workdir / METRICS_FILE).is_file():
             # Every epoch was trained and saved before: the last epoch's record is the result.
             record = atomic.read_jsonl(self.workdir / METRICS_FILE)[0][-1]
@@ -847,7 +859,7 @@ METRICS_FILE = "metrics.jsonl"
 """One JSON line per finished epoch, appended and fsynced before the epoch's checkpoint."""
 
 RECORDS = ("config.json", "noise_card.json", METRICS_FILE, SUMMARY_FILE)
-RECORD_DIRS = (CHECKPOINTS, UNREADABLE, "dynamics", "report", "eval")
+RECORD_DIRS = (CHECKPOINTS, UNREADABLE, "dynamics", "report", "eval", board.DIRECTORY)
 
 NON_RESULT_KEYS = frozenset(
     {
@@ -863,6 +875,7 @@ NON_RESULT_KEYS = frozenset(
         "train.record_dynamics",
         "train.nonfinite",
         "train.nonfinite_limit",
+        "train.tensorboard",
     }
 )
 """Config keys that cannot change a run's result: a folder may be asked again with others."""
