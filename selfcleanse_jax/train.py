@@ -25,13 +25,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import atomic, board, metrics
+from selfcleanse_jax import atomic, board, metrics, settings
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
-from selfcleanse_jax.config import METHODS, warmup_epochs
+from selfcleanse_jax.config import warmup_epochs
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
@@ -40,10 +40,6 @@ from selfcleanse_jax.noise import apply_noise, resolve_rate
 from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 
 log = logging.getLogger(__name__)
-
-NONFINITE_POLICIES = ("skip", "stop")
-"""`train.nonfinite`: a step with a non-finite loss or gradient is skipped (and counted, up to
-`train.nonfinite_limit`), or stops the run."""
 
 
 class NonFiniteError(ValueError):
@@ -266,8 +262,7 @@ class Trainer:
     def __init__(
         self, config: ml_collections.ConfigDict, workdir: str | Path, dataset: Dataset | None = None
     ):
-        if config.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+        settings.check(config)
         self.config = config
         self.workdir = Path(workdir)
         self.dataset = load_dataset(config) if dataset is None else dataset
@@ -324,11 +319,6 @@ class Trainer:
         # The first epoch with a cleansing round; with an adaptive warm-up, decided on the way.
         self.cleansing_from: int | None = None if self.adaptive else self.warmup
         self.train_dice_history: list[list[float]] = []  # per warm-up epoch, per class
-        if config.train.get("nonfinite", "skip") not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"train.nonfinite must be one of {NONFINITE_POLICIES}, "
-                f"got {config.train.nonfinite!r}"
-            )
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient
         self.stop_requested: list[str] = []  # the signals that asked the run to stop
         # The epoch under way: its record so far and its slices' training losses so far.
@@ -970,6 +960,7 @@ def run(
     refused unless `overwrite` (see `prepare_workdir`).
     """
     config = resolved_config(config)
+    settings.check(config)
     workdir = Path(workdir)
     finished = prepare_workdir(config, workdir, overwrite)
     if finished is not None:

@@ -1,0 +1,130 @@
+"""A run's configuration checked up front, before data loads or anything compiles: a key with
+a value outside its choices or range is one ValueError that names the key and what it may
+be, instead of a failure at the first cleansing round, after the warm-up."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import ml_collections
+
+from selfcleanse_jax.cleansing.gmm import BACKENDS, NORMALISATIONS
+from selfcleanse_jax.cleansing.lcm import FALLBACKS
+from selfcleanse_jax.config import METHODS
+from selfcleanse_jax.losses import LFM_LOSSES
+from selfcleanse_jax.models.unet import NORMS
+from selfcleanse_jax.noise import resolve_params
+from selfcleanse_jax.steps import PARALLEL_MODES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+NONFINITE_POLICIES = ("skip", "stop")
+"""`train.nonfinite`: a step with a non-finite loss or gradient is skipped (and counted, up to
+`train.nonfinite_limit`), or stops the run."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "parallel": PARALLEL_MODES,
+    "model.norm": NORMS,
+    "model.compute_dtype": COMPUTE_DTYPES,
+    "train.nonfinite": NONFINITE_POLICIES,
+    "cleanse.gmm_backend": BACKENDS,
+    "cleanse.lfm_normalise": NORMALISATIONS,
+    "cleanse.lfm_loss": LFM_LOSSES,
+    "cleanse.fallback": FALLBACKS,
+}
+"""Keys whose value is one of a few names."""
+
+Number = int | float
+
+
+def _number(value) -> bool:
+    return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(low: int) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: _number(v) and v == int(v) and v >= low), f"an integer >= {low}"
+
+
+def _at_least(low: float, strictly: bool = False) -> tuple[Callable[[object], bool], str]:
+    if strictly:
+        return (lambda v: _number(v) and v > low), f"a number > {low:g}"
+    return (lambda v: _number(v) and v >= low), f"a number >= {low:g}"
+
+
+def _fraction(interval: str) -> tuple[Callable[[object], bool], str]:
+    """A number in `interval`, one of "[0, 1]", "(0, 1)", "(0, 1]", "[0, 1)"."""
+    open_low, open_high = interval[0] == "(", interval[-1] == ")"
+
+    def valid(v) -> bool:
+        above = v > 0 if open_low else v >= 0
+        return above and (v < 1 if open_high else v <= 1)
+
+    return (lambda v: _number(v) and valid(v)), f"a number in {interval}"
+
+
+RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "model.depth": _integer(1),
+    "model.base_width": _integer(1),
+    "train.epochs": _integer(1),
+    "train.batch_size": _integer(1),
+    "train.eval_batch_size": _integer(1),
+    "train.learning_rate": _at_least(0, strictly=True),
+    "train.weight_decay": _at_least(0),
+    "train.eval_every": _integer(0),
+    "train.checkpoint_every": _integer(0),
+    "train.checkpoint_every_steps": _integer(0),
+    "train.checkpoint_every_minutes": _at_least(0),
+    "train.checkpoint_keep": _integer(1),
+    "train.nonfinite_limit": _integer(0),
+    "cleanse.warmup_epochs": _integer(-1),
+    "cleanse.warmup_max_fraction": _fraction("(0, 1]"),
+    "cleanse.saturation": _fraction("(0, 1)"),
+    "cleanse.tau": _fraction("(0, 1)"),
+    "cleanse.kappa": _fraction("[0, 1]"),
+    "cleanse.band": _integer(1),
+    "cleanse.loss_window": _integer(1),
+    "cleanse.temperature": _at_least(0, strictly=True),
+    "cleanse.morph_radius": _integer(0),
+    "cleanse.unlearnt_below": _fraction("[0, 1]"),
+    "cleanse.unlearnt_weight": _at_least(0),
+    "cleanse.teacher_decay": _fraction("[0, 1)"),
+    "cleanse.weight": _at_least(0),
+    "cleanse.ramp_epochs": _integer(0),
+}
+"""Keys whose value is a number: the test it must pass, and how to say it."""
+
+
+def _value(config: ml_collections.ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raise a ValueError naming every key whose value is outside its choices or range, and
+    a noise kind or parameter that does not exist; keys the config lacks are left alone."""
+    problems = []
+    for key, choices in CHOICES.items():
+        value = _value(config, key)
+        if value is not None and value not in choices:
+            problems.append(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    for key, (valid, said) in RANGES.items():
+        value = _value(config, key)
+        if value is not None and not valid(value):
+            problems.append(f"{key} must be {said}, got {value!r}")
+    noise = _value(config, "noise")
+    if noise is not None and noise.kind != "none":
+        try:  # an unknown kind, or a parameter the kind does not have
+            resolve_params(noise.kind, noise.params.to_dict())
+        except ValueError as error:
+            problems.append(f"noise.kind / noise.params: {error}")
+        if not (_number(noise.rate) and noise.rate <= 1):
+            problems.append(
+                f"noise.rate must be a number <= 1 (< 0: the default), got {noise.rate!r}"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
