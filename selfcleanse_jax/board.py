@@ -21,11 +21,18 @@ DIRECTORY = "tensorboard"
 OVERLAY_SLICES = 4
 """The truly noisy slices (the first ones by index) drawn at every cleansing round."""
 
-# Class colours of the overlays (background transparent): red, green, blue, then more.
-_PALETTE = np.array(
-    [[0, 0, 0], [230, 60, 60], [60, 200, 60], [70, 110, 240], [240, 200, 40], [200, 80, 220]],
-    np.float32,
-)
+# Colour of each label value in the overlays: background (not drawn), red, green, blue and
+# more for the classes, white past them (the ignore index).
+_CLASS_COLOURS = [
+    [0, 0, 0],
+    [230, 60, 60],
+    [60, 200, 60],
+    [70, 110, 240],
+    [240, 200, 40],
+    [200, 80, 220],
+]
+_PALETTE = np.full((256, 3), 255.0, np.float32)
+_PALETTE[: len(_CLASS_COLOURS)] = _CLASS_COLOURS
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
@@ -50,8 +57,7 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.nda
     low, high = float(image.min()), float(image.max())
     grey = (image - low) / (high - low) if high > low else np.zeros_like(image)
     picture = np.repeat(255.0 * grey[..., None], 3, axis=-1)
-    palette = np.concatenate([_PALETTE, np.full((256 - len(_PALETTE), 3), 255.0, np.float32)])
-    colour = palette[label.astype(np.uint8)]
+    colour = _PALETTE[label.astype(np.uint8)]
     drawn = (label > 0)[..., None]
     picture = np.where(drawn, (1 - alpha) * picture + alpha * colour, picture)
     return np.clip(picture, 0, 255).astype(np.uint8)

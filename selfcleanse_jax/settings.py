@@ -13,11 +13,10 @@ from selfcleanse_jax.cleansing.gmm import BACKENDS, NORMALISATIONS
 from selfcleanse_jax.cleansing.lcm import FALLBACKS
 from selfcleanse_jax.config import METHODS
 from selfcleanse_jax.losses import LFM_LOSSES
-from selfcleanse_jax.models.unet import NORMS
+from selfcleanse_jax.models.unet import COMPUTE_DTYPES, NORMS
 from selfcleanse_jax.noise import resolve_params
 from selfcleanse_jax.steps import PARALLEL_MODES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("skip", "stop")
 """`train.nonfinite`: a step with a non-finite loss or gradient is skipped (and counted, up to
 `train.nonfinite_limit`), or stops the run."""

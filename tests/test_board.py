@@ -73,7 +73,7 @@ def test_a_run_writes_event_files_that_tensorboard_reads_back(tmp_path):
     assert {"cleanse/flagged", "cleanse/detection/auc"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("train_loss")] == [0, 1, 2]
     assert [e.step for e in events.Scalars("cleanse/flagged")] == [1, 2]
-    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 3
     written = [e.value for e in events.Scalars("test_dice")]
     expected = [json.loads(line)["test_dice"] for line in records]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 NORMS = ("instance", "group", "batch")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +77,9 @@ class UNet(nnx.Module):
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
-        if config.compute_dtype not in ("float32", "bfloat16"):
+        if config.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
-                f"model.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}"
+                f"model.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}"
             )
         dtype = jnp.dtype(config.compute_dtype)
         widths = config.widths()
