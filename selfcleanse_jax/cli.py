@@ -131,10 +131,11 @@ def cmd_train(argv: list[str]) -> int:
         print(TRAIN_USAGE)
         return 0
     config, workdir, overwrite = _parse_train(argv)
-    from selfcleanse_jax import train
+    from selfcleanse_jax import distributed, train
 
     summary = train.run(config, workdir, overwrite=overwrite)
-    print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))
+    if distributed.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))
     return 0
 
 

@@ -109,6 +109,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.lfm_oracle = False  # diagnostic: the LFM flags exactly the truly noisy slices
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
     c.cleanse.ramp_epochs = 3
+
+    # Several processes (hosts) on jax.distributed; every process runs the same command.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # auto (when SLURM/TPU/JAX env says so) | yes | no
+    c.distributed.coordinator = ""  # HOST:PORT of process 0; empty: detected by JAX
+    c.distributed.num_processes = 0  # with a coordinator: how many processes
+    c.distributed.process_id = -1  # with a coordinator: this process's index
     return c
 
 

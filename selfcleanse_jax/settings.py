@@ -12,6 +12,7 @@ import ml_collections
 from selfcleanse_jax.cleansing.gmm import BACKENDS, NORMALISATIONS
 from selfcleanse_jax.cleansing.lcm import FALLBACKS
 from selfcleanse_jax.config import METHODS
+from selfcleanse_jax.distributed import INITIALIZE
 from selfcleanse_jax.losses import LFM_LOSSES
 from selfcleanse_jax.models.unet import COMPUTE_DTYPES, NORMS
 from selfcleanse_jax.noise import resolve_params
@@ -31,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cleanse.lfm_normalise": NORMALISATIONS,
     "cleanse.lfm_loss": LFM_LOSSES,
     "cleanse.fallback": FALLBACKS,
+    "distributed.initialize": INITIALIZE,
 }
 """Keys whose value is one of a few names."""
 
@@ -125,5 +127,20 @@ def check(config: ml_collections.ConfigDict) -> None:
             problems.append(
                 f"noise.rate must be a number <= 1 (< 0: the default), got {noise.rate!r}"
             )
+    problems += _distributed_problems(_value(config, "distributed"))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _distributed_problems(settings: ml_collections.ConfigDict | None) -> list[str]:
+    """An explicit coordinator needs the process count and this process's index."""
+    if settings is None or not settings.coordinator:
+        return []
+    count, index = settings.num_processes, settings.process_id
+    if not (_number(count) and count == int(count) and count >= 1):
+        return [
+            f"distributed.num_processes must be an integer >= 1 with a coordinator, got {count!r}"
+        ]
+    if not (_number(index) and index == int(index) and 0 <= index < count):
+        return [f"distributed.process_id must be an integer in [0, {count}), got {index!r}"]
+    return []

@@ -9,6 +9,11 @@ Each step is a pure function of (state, batch, key). `Steps` wraps them for one 
 All three compute the same global-batch update: every device differentiates its share of
 the global mean loss and the shares are summed with `lax.psum`; batch statistics (BatchNorm)
 are averaged with `lax.pmean`.
+
+With several processes (`selfcleanse_jax.distributed`), shard_map's mesh spans every
+process's devices and pmap's collectives span them too: each process feeds its own rows of
+the global batch, and the outputs (per-sample losses, predictions) are gathered so that every
+process holds all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from selfcleanse_jax import distributed
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
 from selfcleanse_jax.cleansing.lcm import cleanse_batch
 from selfcleanse_jax.losses import (
@@ -244,20 +250,27 @@ def _data_mesh(devices: list) -> jax.sharding.Mesh:
 
 
 def resolve_parallel(mode: str, num_devices: int | None = None) -> str:
-    """`auto` picks shard_map when there are several local devices, else none."""
+    """`auto` picks shard_map when there are several devices (in all processes), else none."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode == "none" and distributed.several():
+        raise ValueError(
+            f"parallel=none trains on one device, but this job has {jax.process_count()} "
+            "processes: use shard_map, pmap or auto"
+        )
     if mode != "auto":
         return mode
-    num_devices = jax.local_device_count() if num_devices is None else num_devices
+    num_devices = jax.device_count() if num_devices is None else num_devices
     return "shard_map" if num_devices > 1 else "none"
 
 
 class Steps:
     """The steps wrapped for one parallel mode, with the state and batch placement they need.
 
-    Batches are host numpy dicts whose leading axis is the global (per-process) batch; it
-    must be divisible by the number of devices (`pad_batch` pads evaluation batches).
+    `train` takes this process's rows of the global batch; `evaluate` and `cleanse` take the
+    whole batch (the same in every process) and return all of its rows. The global batch
+    must be divisible by `num_devices`, the devices of all processes (`pad_batch` pads
+    evaluation batches). `devices` are this process's devices.
     """
 
     def __init__(
@@ -273,10 +286,10 @@ class Steps:
         self.config = config
         train_graphdef, eval_graphdef, _, _ = init_model(model_config, 0)
         self.devices = list(jax.local_devices() if devices is None else devices)
-        self.mode = resolve_parallel(parallel, len(self.devices))
+        self.mode = resolve_parallel(parallel, len(self.devices) * jax.process_count())
         if self.mode == "none":
             self.devices = self.devices[:1]
-        self.num_devices = len(self.devices)
+        self.num_devices = len(self.devices) * jax.process_count()
         train = functools.partial(train_step, graphdef=train_graphdef, tx=tx, config=config)
         forward = {
             "eval": functools.partial(eval_step, graphdef=eval_graphdef, config=config),
@@ -290,20 +303,25 @@ class Steps:
             self._train = jax.jit(train, donate_argnums=0)
             self._forward = {name: jax.jit(fn) for name, fn in forward.items()}
         elif self.mode == "pmap":
-            self._device_axis = NamedSharding(_data_mesh(self.devices), P(AXIS))
+            # With several processes pmap spans every process's devices (its default), and
+            # its inputs are global arrays with one row per device of the job.
+            several = distributed.several()
+            pmap_devices = None if several else self.devices
+            mesh_devices = jax.devices() if several else self.devices
+            self._device_axis = NamedSharding(_data_mesh(mesh_devices), P(AXIS))
             self._train = jax.pmap(
                 functools.partial(train, axis_name=AXIS),
                 axis_name=AXIS,
                 in_axes=(0, 0, None),
                 donate_argnums=0,
-                devices=self.devices,
+                devices=pmap_devices,
             )
             self._forward = {
-                name: jax.pmap(fn, axis_name=AXIS, devices=self.devices)
+                name: jax.pmap(fn, axis_name=AXIS, devices=pmap_devices)
                 for name, fn in forward.items()
             }
         elif self.mode == "shard_map":
-            self.mesh = _data_mesh(self.devices)
+            self.mesh = _data_mesh(jax.devices() if distributed.several() else self.devices)
             self._train = jax.jit(
                 jax.shard_map(
                     functools.partial(train, axis_name=AXIS),
@@ -344,29 +362,51 @@ class Steps:
                 lambda x: np.broadcast_to(x, (self.num_devices, *np.shape(x))),
                 jax.device_get(state),
             )
-            return jax.device_put(stacked, self._device_axis)
+            return distributed.put_replicated(stacked, self._device_axis)
         if self.mode == "shard_map":
-            return jax.device_put(state, NamedSharding(self.mesh, P()))
+            return distributed.put_replicated(state, NamedSharding(self.mesh, P()))
         return jax.device_put(state, self.devices[0])
 
     def get_state(self, state: TrainState) -> TrainState:
         """The state as one copy (undoes the pmap device axis)."""
-        if self.mode == "pmap":
-            state = jax.tree.map(lambda x: x[0], state)
+        if self.mode == "pmap":  # the first copy this process holds
+            state = jax.tree.map(lambda x: x.addressable_shards[0].data[0], state)
         return jax.device_get(state)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a global batch, placed on the devices."""
         if self.mode == "pmap":
-            return jax.device_put(
-                {k: v.reshape(self.num_devices, -1, *v.shape[1:]) for k, v in batch.items()},
-                self._device_axis,
-            )
+            local = len(self.devices)
+            batch = {k: v.reshape(local, -1, *v.shape[1:]) for k, v in batch.items()}
+            if distributed.several():
+                return {
+                    k: jax.make_array_from_process_local_data(self._device_axis, v)
+                    for k, v in batch.items()
+                }
+            return jax.device_put(batch, self._device_axis)
         if self.mode == "shard_map":
-            return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+            rows = NamedSharding(self.mesh, P(AXIS))
+            if distributed.several():
+                return {
+                    k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()
+                }
+            return jax.device_put(batch, rows)
         return jax.device_put(batch, self.devices[0])
+
+    def put_key(self, key: jax.Array) -> jax.Array:
+        """A random key as the steps take it (replicated over every process's devices)."""
+        if self.mode == "shard_map" and distributed.several():
+            return distributed.put_replicated(key, NamedSharding(self.mesh, P()))
+        return key
 
     def _flat(self, x: jax.Array) -> jax.Array:
         return x.reshape(-1, *x.shape[2:]) if self.mode == "pmap" else x
+
+    def _all_rows(self, x: jax.Array) -> jax.Array | np.ndarray:
+        """Every process's rows of a step's per-sample output (this process's alone holds
+        them all); left on the device in a single process, so steps queue up."""
+        x = self._flat(x)
+        return distributed.gather(x) if distributed.several() else x
 
     def pad_batch(
         self, batch: dict[str, np.ndarray], pad_to: int = 0
@@ -386,7 +426,7 @@ class Steps:
     ) -> tuple[TrainState, jax.Array, jax.Array]:
         """The state after one step, the per-sample losses and whether the step was finite
         (`train_step`); nothing is fetched from the device, so steps queue up."""
-        state, losses, finite = self._train(state, self.put_batch(batch), key)
+        state, losses, finite = self._train(state, self.put_batch(batch), self.put_key(key))
         return state, self._flat(losses), finite[0] if self.mode == "pmap" else finite
 
     def evaluate(
@@ -400,8 +440,8 @@ class Steps:
         The batch is padded to `pad_to` rows (`pad_batch`)."""
         batch, size = self.pad_batch(batch, pad_to)
         run = self._forward["eval_teacher" if teacher else "eval"]
-        predictions, losses = run(state, self.put_batch(batch))
-        return self._flat(predictions)[:size], self._flat(losses)[:size]
+        predictions, losses = run(state, self.put_batch(self._mine(batch)))
+        return self._all_rows(predictions)[:size], self._all_rows(losses)[:size]
 
     def cleanse(
         self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
@@ -409,5 +449,13 @@ class Steps:
         """Pseudo-labels and soft targets (or None) (`cleanse_step`); the batch is padded to
         `pad_to` rows (`pad_batch`)."""
         batch, size = self.pad_batch(batch, pad_to)
-        hard, soft = self._forward["cleanse"](state, self.put_batch(batch))
-        return self._flat(hard)[:size], None if soft is None else self._flat(soft)[:size]
+        hard, soft = self._forward["cleanse"](state, self.put_batch(self._mine(batch)))
+        return self._all_rows(hard)[:size], None if soft is None else self._all_rows(soft)[:size]
+
+    @staticmethod
+    def _mine(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's rows of a batch that every process holds whole."""
+        if not distributed.several():
+            return batch
+        rows = distributed.my_rows(len(next(iter(batch.values()))))
+        return {k: v[rows] for k, v in batch.items()}

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import atomic, board, metrics, settings
+from selfcleanse_jax import atomic, board, distributed, metrics, settings
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
@@ -290,8 +290,13 @@ class Trainer:
         # Where the input pipeline stands: {"epoch", "step", "iterator" (grain state)}.
         self.data_state: dict | None = None
 
-        batch_size = config.train.batch_size
-        self.steps_per_epoch = len(train) // jax.process_count() // batch_size
+        batch_size = config.train.batch_size  # the global batch, shared by the processes
+        if batch_size % jax.process_count():
+            raise ValueError(
+                f"train.batch_size {batch_size} is not divisible by the "
+                f"{jax.process_count()} processes"
+            )
+        self.steps_per_epoch = len(train) // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(train)} training slices are fewer than one batch of {batch_size}"
@@ -420,6 +425,7 @@ class Trainer:
                 if soft is not None:
                     bank.soft[members] = np.asarray(soft, np.float16)
         view["flagged_share"] = len(flagged) / len(bank.flagged)
+        distributed.check_same("target banks", bank.targets, bank.weights, bank.flagged)
         if self.board:
             labels = {"clean": train.labels, "given": bank.given, "target": bank.targets}
             self.board.cleansing_round(
@@ -503,7 +509,8 @@ class Trainer:
     def epoch_dataset(self, epoch: int) -> grain.MapDataset:
         """This process's training batches of `epoch`, read from the bank as it is now."""
         source = pipeline.ArraySource(self.bank.arrays(self.dataset.train))
-        return pipeline.epoch_dataset(source, self.config.train.batch_size, self.config.seed, epoch)
+        per_process = self.config.train.batch_size // jax.process_count()
+        return pipeline.epoch_dataset(source, per_process, self.config.seed, epoch)
 
     def dice_weight(self, epoch: int) -> float:
         """The Dice term's weight in this epoch's training loss: `cleanse.warmup_dice_weight`
@@ -569,9 +576,11 @@ class Trainer:
         return self.epoch_losses
 
     def _collect_losses(self, seen: list[np.ndarray], losses: list[jax.Array]) -> None:
-        """Move the losses of the steps so far from the device into `epoch_losses`."""
+        """Move the losses of the steps so far from the device into `epoch_losses` (every
+        process's, so that each holds them all)."""
         if seen:
-            self.epoch_losses[np.concatenate(seen)] = np.concatenate(jax.device_get(losses))
+            seen, losses = distributed.gather((seen, losses))
+            self.epoch_losses[np.concatenate(seen)] = np.concatenate(losses)
             seen.clear()
             losses.clear()
 
@@ -727,7 +736,7 @@ class Trainer:
             record["nonfinite_steps"] = self.nonfinite_steps
         if cleanses and self.adaptive and self.cleansing_from is None:
             record["warmup"] = self.track_warmup()
-        if config.train.record_dynamics and jax.process_index() == 0:
+        if config.train.record_dynamics and distributed.is_main():
             self.record_dynamics(epoch, train_loss, cleansing)
         last = epoch == config.train.epochs - 1
         every = config.train.eval_every
@@ -762,7 +771,7 @@ class Trainer:
         each epoch's record is written, then its checkpoint when due. The last record."""
         config = self.config
         first_epoch = self.resume(checkpointer) if checkpointer else 0
-        if jax.process_index() == 0:
+        if distributed.is_main():
             keep_records_before(self.workdir, first_epoch)
             if config.train.get("tensorboard", False):
                 self.board = board.Board(self.workdir, first_epoch, self.noise.is_noisy)
@@ -771,7 +780,7 @@ class Trainer:
             desc=config.method,
             unit="epoch",
             leave=False,
-            disable=not config.progress,
+            disable=not (config.progress and distributed.is_main()),
         )
         record: dict = {}
         for epoch in bar:
@@ -781,7 +790,7 @@ class Trainer:
                 loss=f"{record['train_loss']:.3f}",
                 dice=f"{record.get('test_dice', float('nan')):.3f}",
             )
-            if jax.process_index() == 0:
+            if distributed.is_main():
                 atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
             if self.board:
                 self.board.epoch(record, self.epoch_losses)
@@ -797,13 +806,14 @@ class Trainer:
         step under way, with a checkpoint there: Preempted says so.
         """
         config = self.config
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.noise.save(self.workdir / "noise_card.json")
-        # The modality the data was normalised as, so that predict prepares volumes the same way.
-        saved = config.copy_and_resolve_references()
-        with saved.unlocked():
-            saved.data.modality = self.dataset.modality
-        atomic.write_text(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
+        if distributed.is_main():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.noise.save(self.workdir / "noise_card.json")
+            # The modality the data was normalised as, so predict prepares volumes the same way.
+            saved = config.copy_and_resolve_references()
+            with saved.unlocked():
+                saved.data.modality = self.dataset.modality
+            atomic.write_text(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
         checkpointer = None
         if config.train.checkpoint:
             checkpointer = Checkpointer(
@@ -837,7 +847,7 @@ class Trainer:
             "cleanse": record.get("cleanse"),
             "seconds": time.perf_counter() - start,
         }
-        if jax.process_index() == 0:
+        if distributed.is_main():
             atomic.write_text(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
         return summary
 
@@ -866,6 +876,10 @@ NON_RESULT_KEYS = frozenset(
         "train.nonfinite",
         "train.nonfinite_limit",
         "train.tensorboard",
+        "distributed.initialize",
+        "distributed.coordinator",
+        "distributed.num_processes",
+        "distributed.process_id",
     }
 )
 """Config keys that cannot change a run's result: a folder may be asked again with others."""
@@ -937,8 +951,9 @@ def prepare_workdir(
             "choose a new --workdir or pass --overwrite to start afresh"
         )
     if differing:
-        log.info("%s: another config (%s), starting afresh", workdir, ", ".join(differing))
-        _clear_run(workdir)
+        if distributed.is_main():
+            log.info("%s: another config (%s), starting afresh", workdir, ", ".join(differing))
+            _clear_run(workdir)
         return None
     summary_path = workdir / SUMMARY_FILE
     if summary_path.is_file():
@@ -961,8 +976,10 @@ def run(
     """
     config = resolved_config(config)
     settings.check(config)
+    distributed.initialize(config)
     workdir = Path(workdir)
     finished = prepare_workdir(config, workdir, overwrite)
+    distributed.barrier("workdir prepared")  # no process writes before all have read it
     if finished is not None:
         return finished
     return Trainer(config, workdir, dataset).run()

@@ -61,9 +61,10 @@ def epoch_dataset(
     """This process's full batches of one epoch, shuffled by (seed, epoch).
 
     Global batch k is rows [k*B*P, (k+1)*B*P) of the shuffled samples (B = `batch_size`, the
-    per-process batch; P processes); process p takes rows p, p+P, ... of it. Samples that do
-    not fill a global batch are dropped, so every process runs the same number of steps.
-    Process index and count default to jax's.
+    per-process batch; P processes); process p takes its p-th block of B rows, so the
+    processes' blocks side by side are the global batch that one process alone would read.
+    Samples that do not fill a global batch are dropped, so every process runs the same
+    number of steps. Process index and count default to jax's.
     """
     if process_index is None:
         process_index = jax.process_index()
@@ -73,8 +74,8 @@ def epoch_dataset(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     shuffled = grain.MapDataset.source(source).shuffle(seed=shuffle_seed(seed, epoch))
     usable = len(source) // (batch_size * process_count) * batch_size * process_count
-    mine = shuffled[:usable][process_index::process_count]
-    return mine.batch(batch_size, drop_remainder=True)
+    blocks = shuffled[:usable].batch(batch_size, drop_remainder=True)
+    return blocks[process_index::process_count]
 
 
 def epoch_iterator(

@@ -1,0 +1,124 @@
+"""Several processes train one model: 2 processes x 2 simulated CPU devices, joined by
+jax.distributed over the loopback interface, give the run that 1 process x 4 devices gives
+on the same global batches: the same flags at every round, the same parameters, one set of
+records."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from selfcleanse_jax import train
+from selfcleanse_jax.checkpoint import Checkpointer
+from tiny import TINY, TINY_SETTINGS, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+RUN = {
+    "method": "selfcleanse",
+    "train.epochs": EPOCHS,
+    "cleanse.warmup_epochs": 1,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 2,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(workdir: Path, parallel: str) -> list[subprocess.CompletedProcess]:
+    """`selfcleanse train` as 2 processes of 2 devices each; their outputs once both end."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    overrides = [f"--config.{k}={v}" for k, v in {**RUN, "parallel": parallel}.items()]
+    processes = []
+    for index in range(2):
+        command = [
+            sys.executable,
+            "-m",
+            "selfcleanse_jax.cli",
+            "train",
+            "--config",
+            "configs/phantom.py",
+            "--workdir",
+            str(workdir),
+            *TINY,
+            *overrides,
+            f"--config.distributed.coordinator=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={index}",
+        ]
+        processes.append(
+            subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outputs = []
+    for process in processes:
+        out, _ = process.communicate(timeout=600)
+        outputs.append(subprocess.CompletedProcess(process.args, process.returncode, out.decode()))
+    return outputs
+
+
+def _final_params(workdir: Path) -> dict:
+    checkpointer = Checkpointer(workdir, read_only=True)
+    state = checkpointer.restore_state(checkpointer.latest_step())
+    checkpointer.close()
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+
+
+def _flags(workdir: Path) -> dict[int, np.ndarray]:
+    return {
+        int(f.stem.split("_")[1]): np.load(f)["flagged"]
+        for f in sorted((workdir / "dynamics").glob("epoch_*.npz"))
+        if "flagged" in np.load(f)
+    }
+
+
+@pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
+def test_two_processes_train_the_model_one_process_trains(tmp_path, parallel):
+    assert jax.device_count() == 4
+    single = tmp_path / "single"
+    train.run(tiny_config(**RUN, parallel=parallel), single)
+
+    double = tmp_path / "double"
+    results = _launch_two(double, parallel)
+    for index, result in enumerate(results):
+        assert result.returncode == 0, f"process {index}:\n{result.stdout[-3000:]}"
+    # Process 0 speaks for the job: one set of records, one line per epoch.
+    lines = (double / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == EPOCHS
+    assert (
+        json.loads((double / "config.json").read_text())["train"]["batch_size"]
+        == (TINY_SETTINGS["train.batch_size"])
+    )
+    assert "process 0 of 2" in results[0].stdout
+
+    flags_single, flags_double = _flags(single), _flags(double)
+    assert sorted(flags_single) == list(range(1, EPOCHS))  # a round in every epoch after one
+    for epoch, flagged in flags_single.items():
+        np.testing.assert_array_equal(flags_double[epoch], flagged, err_msg=f"epoch {epoch}")
+
+    params_single, params_double = _final_params(single), _final_params(double)
+    assert params_single.keys() == params_double.keys()
+    for name, value in params_single.items():
+        np.testing.assert_allclose(params_double[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    summary_single = json.loads((single / "summary.json").read_text())
+    summary_double = json.loads((double / "summary.json").read_text())
+    assert summary_double["test_dice"] == pytest.approx(summary_single["test_dice"], abs=1e-4)
