@@ -6,8 +6,13 @@ synchronised (`block_until_ready`) before the clock stops.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -117,3 +122,117 @@ def run(quick: bool = False) -> dict:
         "train_flops_per_s": train_flops,
         "train_fraction_of_matmul_peak": train_flops / matmul,
     }
+
+
+SCALING_LAYOUTS = ((1, 1), (1, 2), (1, 4), (2, 2))
+"""(processes, devices per process) that `scaling` times, on simulated CPU devices here."""
+
+
+def _scaling_config(quick: bool):
+    config = default_config()
+    config.progress = False
+    config.method = "selfcleanse"
+    config.data.image_size = 64 if quick else 128
+    config.data.phantom_train_cases = 4
+    config.data.phantom_test_cases = 1
+    config.train.batch_size = 8
+    config.train.epochs = 2
+    config.train.eval_every = 0
+    config.cleanse.warmup_epochs = 1
+    config.parallel = "shard_map"
+    return config
+
+
+def step_figures(quick: bool, repeats: int) -> dict:
+    """This job's seconds per training step and per LFM sweep, and what each moves between
+    devices: the gradient all-reduce (float32, ring: 2(N-1)/N of the parameter bytes per
+    device) and the LFM's gather of every training slice's loss and predicted label."""
+    config = _scaling_config(quick)
+    workdir = tempfile.mkdtemp(prefix="selfcleanse_scaling_")
+    trainer = train.Trainer(config, workdir, load_dataset(config))
+    steps, table = trainer.steps, trainer.dataset.train
+    per_process = config.train.batch_size // jax.process_count()
+    rows = np.arange(per_process) + jax.process_index() * per_process
+    batch = trainer.bank.batch(table, rows % len(table))
+    key = jax.random.key(0)
+
+    def train_step():
+        trainer.state, losses, _ = steps.train(trainer.state, batch, key)
+        return losses
+
+    step_s = _timed(train_step, repeats)
+    sweep_s = _timed(
+        lambda: train.evaluate_losses(
+            steps, trainer.state, table, trainer.bank.given, config.train.eval_batch_size
+        ),
+        repeats,
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+    n = steps.num_devices
+    param_bytes = 4 * sum(np.size(p) for p in jax.tree.leaves(trainer.state.params))
+    height, width = table.images.shape[1:3]
+    return {
+        "processes": jax.process_count(),
+        "devices": n,
+        "parallel": steps.mode,
+        "global_batch": config.train.batch_size,
+        "image_size": [int(height), int(width)],
+        "train_step_s": step_s,
+        "lfm_sweep_s": sweep_s,
+        "train_slices": len(table),
+        "parameter_bytes": param_bytes,
+        "allreduce_bytes_per_device_per_step": 2 * (n - 1) / n * param_bytes,
+        # per slice: its loss (float32) and predicted label (uint8 per pixel); each process
+        # receives the other processes' share
+        "lfm_gather_bytes_per_process_per_round": (
+            (jax.process_count() - 1) / jax.process_count() * len(table) * (4 + height * width)
+        ),
+    }
+
+
+def scaling(quick: bool = False) -> list[dict]:
+    """`step_figures` for each of `SCALING_LAYOUTS`, each layout a fresh job of processes on
+    this machine (simulated CPU devices, joined over the loopback interface)."""
+    results = []
+    for processes, devices in SCALING_LAYOUTS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu",
+        }
+        jobs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "selfcleanse_jax.bench",
+                    str(index),
+                    str(processes),
+                    str(port),
+                    "quick" if quick else "full",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for index in range(processes)
+        ]
+        outputs = [job.communicate() for job in jobs]
+        for job, (_, err) in zip(jobs, outputs, strict=True):
+            if job.returncode:
+                raise RuntimeError(f"the {processes}x{devices} scaling job failed:\n{err[-2000:]}")
+        results.append(json.loads(outputs[0][0].strip().splitlines()[-1]))
+    return results
+
+
+if __name__ == "__main__":  # one process of a `scaling` job: INDEX COUNT PORT quick|full
+    index, count, port, size = sys.argv[1:]
+    if int(count) > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", int(count), int(index))
+    figures = step_figures(size == "quick", repeats=3 if size == "quick" else 10)
+    if jax.process_index() == 0:
+        print(json.dumps(figures))

@@ -194,7 +194,10 @@ def cmd_study(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from selfcleanse_jax import bench
 
-    figures = bench.run(quick=args.quick)
+    if args.scaling:
+        figures = {"scaling": bench.scaling(quick=args.quick)}
+    else:
+        figures = bench.run(quick=args.quick)
     text = json.dumps(figures, indent=1)
     print(text)
     if args.json:
@@ -351,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput figures")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    bench.add_argument(
+        "--scaling",
+        action="store_true",
+        help="time a training step and an LFM sweep on 1, 2, 4 simulated devices and on 2 "
+        "processes of 2, with the bytes each moves between devices",
+    )
     bench.set_defaults(func=cmd_bench)
 
     ph = sub.add_parser("phantom", help="write a phantom as an MSD-layout dataset")
