@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from selfcleanse_jax import train
+from selfcleanse_jax import distributed, settings, train
 from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.steps import resolve_parallel
 from tiny import TINY, TINY_SETTINGS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +123,44 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, parallel):
     summary_single = json.loads((single / "summary.json").read_text())
     summary_double = json.loads((double / "summary.json").read_text())
     assert summary_double["test_dice"] == pytest.approx(summary_single["test_dice"], abs=1e-4)
+
+
+def test_a_coordinator_needs_a_process_count_and_index():
+    config = tiny_config()
+    config.distributed.coordinator = "127.0.0.1:1234"
+    with pytest.raises(ValueError, match="distributed.num_processes must be an integer >= 1"):
+        settings.check(config)
+    config.distributed.num_processes = 2
+    config.distributed.process_id = 2
+    with pytest.raises(ValueError, match=r"distributed.process_id must be an integer in \[0, 2\)"):
+        settings.check(config)
+
+
+@pytest.mark.parametrize(
+    ("environment", "initialize", "wanted"),
+    [
+        ({}, "auto", False),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "auto", False),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "auto", True),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "no", False),
+        ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "auto", True),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "auto", True),
+        ({}, "yes", True),
+    ],
+)
+def test_the_runtime_is_joined_when_the_config_or_the_environment_asks(
+    monkeypatch, environment, initialize, wanted
+):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    config = tiny_config()
+    config.distributed.initialize = initialize
+    assert distributed.wanted(config) is wanted
+
+
+def test_parallel_none_is_refused_for_several_processes(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="parallel=none trains on one device"):
+        resolve_parallel("none")
