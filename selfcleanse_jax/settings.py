@@ -84,6 +84,7 @@ RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "cleanse.tau": _fraction("(0, 1)"),
     "cleanse.kappa": _fraction("[0, 1]"),
     "cleanse.band": _integer(1),
+    "cleanse.edge_ignore": _integer(0),
     "cleanse.loss_window": _integer(1),
     "cleanse.temperature": _at_least(0, strictly=True),
     "cleanse.morph_radius": _integer(0),

@@ -67,6 +67,7 @@ class StepConfig:
     kappa: float = 0.8
     fallback: str = "given"
     band: int = 2  # pixels; the LCM's `fallback="band"` ignores unsure pixels this near outlines
+    edge_ignore: int = 0  # pixels; > 0: the LCM ignores every pixel this near an outline
     temperature: float | None = None
     morph_radius: int = 0
     flip_average: bool = False
@@ -238,6 +239,7 @@ def cleanse_step(
         temperature=config.temperature,
         morph_radius=config.morph_radius,
         band=config.band,
+        edge_ignore=config.edge_ignore,
     )
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 

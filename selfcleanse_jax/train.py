@@ -196,6 +196,7 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         kappa=c.kappa,
         fallback=c.fallback,
         band=c.get("band", 2),  # absent from older runs' config.json
+        edge_ignore=c.get("edge_ignore", 0),  # absent from older runs' config.json
         temperature=c.temperature if c.soft_targets else None,
         morph_radius=c.morph_radius,
         flip_average=c.flip_average,

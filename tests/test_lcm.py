@@ -170,3 +170,22 @@ def test_band_fallback_ignores_unsure_pixels_near_the_drawn_outline_only():
     np.testing.assert_array_equal(np.asarray(hard), 0)
     with pytest.raises(ValueError, match="band"):
         make_cleanser(fallback="band", band=0)
+
+
+def test_edge_ignore_leaves_only_the_cores_of_the_given_and_cleansed_labels():
+    given = np.zeros((H, W), np.int32)
+    given[3:13, 3:13] = 1  # drawn too wide
+    predicted = np.zeros((H, W), np.int32)
+    predicted[5:11, 5:11] = 1
+    hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, kappa=0.8, edge_ignore=1)
+    near_given = np.zeros((H, W), bool)
+    near_given[2:14, 2:14] = True
+    near_given[4:12, 4:12] = False
+    near_predicted = np.zeros((H, W), bool)
+    near_predicted[4:12, 4:12] = True
+    near_predicted[6:10, 6:10] = False
+    expected = np.where(near_given | near_predicted, IGNORE_INDEX, predicted)
+    np.testing.assert_array_equal(np.asarray(hard), expected)
+    # Off, the confident prediction is the label everywhere.
+    hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, kappa=0.8)
+    np.testing.assert_array_equal(np.asarray(hard), predicted)

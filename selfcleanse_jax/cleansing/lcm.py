@@ -10,7 +10,12 @@ label where the model's own argmax agrees with it and IGNORE_INDEX where it does
 (`fallback="disputed"`: unsure pixels that the model disputes teach nothing), or IGNORE_INDEX
 within `band` pixels of an outline of the given label and the given label farther away
 (`fallback="band"`: boundary noise lives along the drawn outlines, so an unsure pixel there
-teaches nothing, while inside a structure and far outside it the drawing is right). Pixels whose
+teaches nothing, while inside a structure and far outside it the drawing is right). With
+`edge_ignore` > 0, every pixel within that many pixels of an outline of the given label or
+of the pseudo-label is IGNORE_INDEX, however sure the model is: under biased boundary noise
+the model's own outlines lean the way the noise does, so a flagged slice teaches the cores of
+its structures and the background far from them, and leaves the outlines to the clean
+slices. Pixels whose
 given label is IGNORE_INDEX (or any value outside [0, K)) carry no label: onehot(y) is zero
 there. Optional morphological clean-up (per foreground class opening then closing with a
 square (2r+1)^2 window, then optional filling of background holes) acts on the argmax map
@@ -127,6 +132,7 @@ def cleanse_one(
     morph_radius: int = 0,
     fill_holes: bool = False,
     band: int = 2,
+    edge_ignore: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Pseudo-label of one sample: hard (H, W) int32 and soft (H, W, K) float32 targets.
 
@@ -157,6 +163,10 @@ def cleanse_one(
     else:  # disputed: ignored only where the model's own choice differs from the given label
         otherwise = jnp.where(jnp.argmax(probs, axis=-1) == given, given, ignored)
     hard = jnp.where(jnp.max(q, axis=-1) >= kappa, pseudo, otherwise)
+    if edge_ignore > 0:
+        drawn = near_outline(onehot, edge_ignore)
+        cleansed = near_outline(jax.nn.one_hot(pseudo, num_classes), edge_ignore)
+        hard = jnp.where(drawn | cleansed, IGNORE_INDEX, hard)
 
     soft = jnp.where(labelled[..., None], q, probs)
     if temperature is not None:
@@ -185,7 +195,15 @@ def unlearnt_structures(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("kappa", "fallback", "temperature", "morph_radius", "fill_holes", "band"),
+    static_argnames=(
+        "kappa",
+        "fallback",
+        "temperature",
+        "morph_radius",
+        "fill_holes",
+        "band",
+        "edge_ignore",
+    ),
 )
 def cleanse_batch(
     probs: jax.Array,
@@ -198,6 +216,7 @@ def cleanse_batch(
     morph_radius: int = 0,
     fill_holes: bool = False,
     band: int = 2,
+    edge_ignore: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,).
 
@@ -212,6 +231,7 @@ def cleanse_batch(
         morph_radius=morph_radius,
         fill_holes=fill_holes,
         band=band,
+        edge_ignore=edge_ignore,
     )
     return jax.vmap(one)(probs, given, clean_prob)
 
