@@ -28,6 +28,21 @@ from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.models.unet import conv_flops_per_image
 
 
+def _bench_config(image_size: int, train_cases: int):
+    """Two epochs of `selfcleanse` on a small phantom, batch 8: what the figures time."""
+    config = default_config()
+    config.progress = False
+    config.method = "selfcleanse"
+    config.data.image_size = image_size
+    config.data.phantom_train_cases = train_cases
+    config.data.phantom_test_cases = 1
+    config.train.batch_size = 8
+    config.train.epochs = 2
+    config.train.eval_every = 0
+    config.cleanse.warmup_epochs = 1
+    return config
+
+
 def _timed(fn: Callable[[], object], repeats: int) -> float:
     """Seconds per call, best of `repeats`, after one warm-up call."""
     jax.block_until_ready(fn())
@@ -64,17 +79,8 @@ def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int) -> dict:
 def run(quick: bool = False) -> dict:
     """All figures as a flat JSON-ready dict; `quick` uses fewer repeats and smaller sets."""
     repeats = 2 if quick else 5
-    config = default_config()
-    config.progress = False
-    config.method = "selfcleanse"
+    config = _bench_config(image_size=128, train_cases=2 if quick else 8)
     config.noise.kind = "boundary"
-    config.data.image_size = 128
-    config.data.phantom_train_cases = 2 if quick else 8
-    config.data.phantom_test_cases = 1
-    config.train.batch_size = 8
-    config.train.epochs = 2
-    config.train.eval_every = 0
-    config.cleanse.warmup_epochs = 1
     workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_")
     trainer = train.Trainer(config, workdir, load_dataset(config))
     steps, table = trainer.steps, trainer.dataset.train
@@ -128,26 +134,14 @@ SCALING_LAYOUTS = ((1, 1), (1, 2), (1, 4), (2, 2))
 """(processes, devices per process) that `scaling` times, on simulated CPU devices here."""
 
 
-def _scaling_config(quick: bool):
-    config = default_config()
-    config.progress = False
-    config.method = "selfcleanse"
-    config.data.image_size = 64 if quick else 128
-    config.data.phantom_train_cases = 4
-    config.data.phantom_test_cases = 1
-    config.train.batch_size = 8
-    config.train.epochs = 2
-    config.train.eval_every = 0
-    config.cleanse.warmup_epochs = 1
-    config.parallel = "shard_map"
-    return config
 
 
 def step_figures(quick: bool, repeats: int) -> dict:
     """This job's seconds per training step and per LFM sweep, and what each moves between
     devices: the gradient all-reduce (float32, ring: 2(N-1)/N of the parameter bytes per
     device) and the LFM's gather of every training slice's loss and predicted label."""
-    config = _scaling_config(quick)
+    config = _bench_config(image_size=64 if quick else 128, train_cases=4)
+    config.parallel = "shard_map"
     workdir = tempfile.mkdtemp(prefix="selfcleanse_scaling_")
     trainer = train.Trainer(config, workdir, load_dataset(config))
     steps, table = trainer.steps, trainer.dataset.train
