@@ -134,8 +134,6 @@ SCALING_LAYOUTS = ((1, 1), (1, 2), (1, 4), (2, 2))
 """(processes, devices per process) that `scaling` times, on simulated CPU devices here."""
 
 
-
-
 def step_figures(quick: bool, repeats: int) -> dict:
     """This job's seconds per training step and per LFM sweep, and what each moves between
     devices: the gradient all-reduce (float32, ring: 2(N-1)/N of the parameter bytes per
