@@ -51,6 +51,11 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def class_colour(label: int) -> tuple[float, float, float]:
+    """The RGB colour (0..1) `overlay` draws class `label` in (white: the ignore index)."""
+    return tuple(float(v) / 255.0 for v in _PALETTE[label])
+
+
 def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """An (H, W, 3) uint8 picture: the image in grey (min-max scaled), each foreground class
     of `label` blended in its colour; labels past the palette (the ignore index) in white."""

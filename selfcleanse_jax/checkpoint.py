@@ -265,6 +265,11 @@ class Checkpointer:
             "meta"
         ]
 
+    def restore_bank(self, step: int) -> dict[str, np.ndarray]:
+        """The target bank of `step` as saved (targets, weights, clean_prob, flagged, ...)."""
+        raw = self.manager.restore(step, args=ocp.args.Composite(bank=ocp.args.StandardRestore()))
+        return {name: np.asarray(array) for name, array in raw["bank"].items()}
+
     def restore_state(self, step: int, state_template: Any = None) -> Any:
         """Restore only the model/optimiser state of `step` (for evaluation and prediction);
         a CheckpointError when it cannot be read.

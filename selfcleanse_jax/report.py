@@ -1,12 +1,16 @@
 """Plots and a summary of one training run, to see how label noise and the LFM/LCM evolve.
 
 `make_report(workdir)` reads what `train.Trainer` wrote (metrics.jsonl, config.json,
-noise_card.json, dynamics/epoch_NNNN.npz) and writes curves.png, lfm.png, losses.png and
-summary.md. Inputs a run may lack (dynamics, noise card) skip their plot, never fail.
+noise_card.json, dynamics/epoch_NNNN.npz, the last checkpoint) and writes curves.png,
+lfm.png, losses.png, memorisation.png, overlays.png, summary.md and index.html, a page
+that holds all of them. Inputs a run may lack (dynamics, noise card, checkpoint) skip their
+plot, never fail.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
 from pathlib import Path
@@ -45,14 +49,18 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_rounds(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
-    """Per-slice dynamics of the cleansing rounds (epochs whose file holds `lfm_input`)."""
-    rounds = {}
+def read_dynamics(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
+    """Per-slice dynamics of every recorded epoch, by epoch."""
+    epochs = {}
     for path in sorted((workdir / "dynamics").glob("epoch_*.npz")):
         with np.load(path) as arrays:
-            if "lfm_input" in arrays:
-                rounds[int(path.stem.removeprefix("epoch_"))] = dict(arrays)
-    return rounds
+            epochs[int(path.stem.removeprefix("epoch_"))] = dict(arrays)
+    return epochs
+
+
+def read_rounds(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
+    """Per-slice dynamics of the cleansing rounds (epochs whose file holds `lfm_input`)."""
+    return {e: arrays for e, arrays in read_dynamics(workdir).items() if "lfm_input" in arrays}
 
 
 def noise_truth(card: dict | None) -> dict[int, bool] | None:
@@ -203,6 +211,103 @@ def plot_losses(
     return _save(figure, path)
 
 
+def plot_memorisation(
+    dynamics: dict[int, dict[str, np.ndarray]],
+    truth: dict[int, bool] | None,
+    warmup_end: int | None,
+    path: Path,
+) -> Path:
+    """Each slice's training loss against its training target over the epochs, coloured by
+    whether its given label is truly noisy, with each group's median: memorisation shows as
+    the noisy slices' losses falling to the clean ones'."""
+    epochs = sorted(dynamics)
+    first = dynamics[epochs[0]]
+    order = np.argsort(first["idx"])
+    losses = np.stack([dynamics[e]["train_loss"][np.argsort(dynamics[e]["idx"])] for e in epochs])
+    groups = slice_groups(first["idx"][order], truth)
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    paths, ratio = figure.subplots(1, 2)
+    colours = {"clean": "tab:blue", "noisy": "tab:red", "all": "tab:grey"}
+    for name, mask in groups.items():
+        if not mask.any():
+            continue
+        colour = colours[name]
+        paths.plot(epochs, losses[:, mask], color=colour, alpha=0.12, linewidth=0.7)
+        median = np.nanmedian(losses[:, mask], axis=1)
+        paths.plot(epochs, median, color=colour, linewidth=2.5, label=f"{name} (median)")
+    paths.set(xlabel="epoch", ylabel="training loss (log scale)", yscale="log")
+    paths.set_title("Per-slice training loss against the training target")
+    if {"clean", "noisy"} <= groups.keys() and groups["clean"].any() and groups["noisy"].any():
+        clean = np.nanmedian(losses[:, groups["clean"]], axis=1)
+        noisy = np.nanmedian(losses[:, groups["noisy"]], axis=1)
+        ratio.plot(epochs, noisy / clean, "o-", color="tab:purple")
+        ratio.axhline(1.0, color="grey", linewidth=0.8)
+    ratio.set(xlabel="epoch", ylabel="median loss, noisy / clean slices")
+    ratio.set_title("Memorisation: how far the noisy slices' loss stays above")
+    for axes in (paths, ratio):
+        _mark_warmup_end(axes, warmup_end)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(paths)
+    return _save(figure, path)
+
+
+OVERLAY_COLUMNS = ("clean label", "given label", "training target", "prediction")
+
+
+def plot_overlays(
+    workdir: Path, last_round: dict[str, np.ndarray], truth: dict[int, bool] | None, path: Path
+) -> Path:
+    """Example slices of the last cleansing round, flagged and not: the image with its clean
+    and given labels, the target the run trained on last (the pseudo-label of a flagged
+    slice) and the final model's prediction. Truly noisy slices are shown when known."""
+    from matplotlib.patches import Patch
+
+    from selfcleanse_jax.board import class_colour, overlay
+    from selfcleanse_jax.checkpoint import Checkpointer
+    from selfcleanse_jax.data.cases import IGNORE_INDEX
+    from selfcleanse_jax.data.loading import load_dataset
+    from selfcleanse_jax.predict import load_trained
+    from selfcleanse_jax.train import run_noise
+
+    model = load_trained(workdir, parallel="none")
+    dataset = load_dataset(model.config)
+    train = dataset.train
+    given = run_noise(model.config, dataset).noisy_labels
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        targets = checkpointer.restore_bank(checkpointer.latest_step())["targets"]
+    finally:
+        checkpointer.close()
+    row_of = {int(i): row for row, i in enumerate(train.idx)}
+    flagged = {int(i) for i, f in zip(last_round["idx"], last_round["flagged"], strict=True) if f}
+    noisy = [i for i in row_of if truth is None or truth.get(i)]
+    chosen = [i for i in noisy if i in flagged][:3] + [i for i in noisy if i not in flagged][:3]
+    rows = np.array([row_of[i] for i in chosen], int)
+    predictions, _ = model.steps.evaluate(
+        model.state, {"image": train.images[rows], "target": given[rows]}
+    )
+    figure = Figure(figsize=(10, 2.6 * max(len(rows), 1)), layout="constrained")
+    axes = figure.subplots(max(len(rows), 1), len(OVERLAY_COLUMNS), squeeze=False)
+    for r, (sample, row) in enumerate(zip(chosen, rows, strict=True)):
+        labels = (train.labels[row], given[row], targets[row], np.asarray(predictions)[r])
+        for c, (title, label) in enumerate(zip(OVERLAY_COLUMNS, labels, strict=True)):
+            axes[r, c].imshow(overlay(train.images[row, ..., 0], np.asarray(label)))
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(title)
+        state = "flagged" if sample in flagged else "not flagged"
+        axes[r, 0].set_ylabel(f"slice {sample}\n{state}")
+    figure.suptitle("Truly noisy slices of the last round" if truth else "Slices of the last round")
+    classes = dict(enumerate(dataset.class_names[1:], start=1)) | {IGNORE_INDEX: "ignored"}
+    handles = [
+        Patch(facecolor=class_colour(label), edgecolor="grey", label=name)
+        for label, name in classes.items()
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    return _save(figure, path)
+
+
 # ------------------------------------------------------------------------------- summary
 
 
@@ -281,12 +386,52 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FIGURE_TITLES = {
+    "curves.png": "Training loss and test Dice",
+    "lfm.png": "The cleansing rounds: flags, detection, pseudo-labels",
+    "losses.png": "The LFM's view: the GMM input of clean and noisy slices",
+    "memorisation.png": "Memorisation: per-slice training losses",
+    "overlays.png": "Labels, training targets and predictions",
+}
+
+
+def _embedded(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def index_html(summary: dict, figures: list[Path], run: Path) -> str:
+    """One self-contained page: the summary table and every figure, embedded."""
+    table = summary_markdown(summary).split("\n\nSkipped:")[0].splitlines()[2:]
+    rows = []
+    for line in table:
+        cells = [html.escape(c.strip()) for c in line.strip("|").split(" | ")]
+        rows.append(f"<tr><th>{cells[0]}</th><td>{' | '.join(cells[1:])}</td></tr>")
+    sections = [
+        f"<h2>{html.escape(FIGURE_TITLES.get(p.name, p.stem))}</h2>{_embedded(p)}" for p in figures
+    ]
+    skipped = "".join(f"<li>{html.escape(reason)}</li>" for reason in summary["skipped"])
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>selfcleanse report: {html.escape(str(run))}</title><style>"
+        "body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}img{max-width:100%}</style></head><body>"
+        f"<h1>Run {html.escape(run.name)}</h1><p>{html.escape(str(run))}</p>"
+        f"<table>{''.join(rows)}</table>{''.join(sections)}"
+        + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "")
+        + "</body></html>\n"
+    )
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
-def make_report(workdir: Path, output: Path | None = None) -> dict:
+def make_report(workdir: Path, output: Path | None = None, overlays: bool = True) -> dict:
     """Plots and a summary of one training run's work directory; output defaults to
-    workdir/'report'. Returns {'files': [paths written], 'summary': {...}}."""
+    workdir/'report'. `overlays` False leaves out the one figure that needs the model and
+    the data again (tens of seconds on a CPU). Returns {'files': [paths written],
+    'summary': {...}}."""
     workdir = Path(workdir)
     records = read_metrics(workdir)
     output = workdir / "report" if output is None else Path(output)
@@ -300,26 +445,38 @@ def make_report(workdir: Path, output: Path | None = None) -> dict:
         files.append(plot_lfm(rounds, output / "lfm.png"))
     else:
         skipped.append("lfm.png: no cleansing rounds")
-    dynamics = read_rounds(workdir)
+    every_epoch = read_dynamics(workdir)
+    dynamics = {e: arrays for e, arrays in every_epoch.items() if "lfm_input" in arrays}
+    truth = noise_truth(card)
+    unknown = {int(i) for arrays in every_epoch.values() for i in arrays["idx"]} - set(truth or {})
+    if every_epoch and truth and unknown:
+        truth = None
+        skipped.append(f"clean/noisy split: noise_card.json has no record of {len(unknown)} slices")
+    elif every_epoch and card is None and config.get("noise", {}).get("kind") != "none":
+        skipped.append("clean/noisy split: no noise_card.json")
+    if every_epoch:
+        warmup_end = rounds[0]["epoch"] if rounds else None
+        files.append(plot_memorisation(every_epoch, truth, warmup_end, output / "memorisation.png"))
+    else:
+        skipped.append("memorisation.png: no dynamics files (train.record_dynamics was off)")
     if dynamics:
-        truth = noise_truth(card)
-        unknown = {int(i) for arrays in dynamics.values() for i in arrays["idx"]} - set(truth or {})
-        if truth and unknown:
-            truth = None
-            skipped.append(
-                f"clean/noisy split: noise_card.json has no record of {len(unknown)} slices"
-            )
-        elif card is None and config.get("noise", {}).get("kind") != "none":
-            skipped.append("clean/noisy split: no noise_card.json")
         gmm_by_epoch = {r["epoch"]: r["cleanse"] for r in rounds}
         files.append(plot_losses(dynamics, truth, gmm_by_epoch, output / "losses.png"))
+        if not overlays:
+            skipped.append("overlays.png: left out (`selfcleanse report --workdir RUN` draws it)")
+        elif (workdir / "checkpoints").is_dir():
+            last = dynamics[max(dynamics)]
+            files.append(plot_overlays(workdir, last, truth, output / "overlays.png"))
+        else:
+            skipped.append("overlays.png: no checkpoint (train.checkpoint was off)")
     elif rounds:
         skipped.append("losses.png: no dynamics files (train.record_dynamics was off)")
     else:
         skipped.append("losses.png: no cleansing rounds")
-    for stale in {"lfm.png", "losses.png"} - {path.name for path in files}:
+    for stale in set(FIGURE_TITLES) - {path.name for path in files}:
         (output / stale).unlink(missing_ok=True)  # left by an earlier report, no longer true
     summary = {**summarise(records, config, card), "skipped": skipped}
     atomic.write_text(output / "summary.md", summary_markdown(summary))
-    files.append(output / "summary.md")
+    atomic.write_text(output / "index.html", index_html(summary, files, workdir))
+    files += [output / "summary.md", output / "index.html"]
     return {"files": [str(path) for path in files], "summary": summary}

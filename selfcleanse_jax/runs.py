@@ -55,7 +55,7 @@ def train_one(task: RunTask) -> dict:
         return finished
     summary = train.run(config, workdir, _dataset_for(config), overwrite=task.overwrite)
     if task.make_report:
-        report.make_report(workdir)
+        report.make_report(workdir, overlays=False)  # quick: the run's page without them
     return summary
 
 

@@ -36,7 +36,7 @@ from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
 from selfcleanse_jax.models.unet import UNetConfig
-from selfcleanse_jax.noise import apply_noise, resolve_rate
+from selfcleanse_jax.noise import NoiseRealisation, apply_noise, resolve_rate
 from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,19 @@ def volume_dice(
     return np.mean(per_case, axis=0)
 
 
+def run_noise(config: ml_collections.ConfigDict, dataset: Dataset) -> NoiseRealisation:
+    """The noise realisation a run with `config` trains on (its given labels)."""
+    return apply_noise(
+        dataset.train.labels,
+        config.noise.kind,
+        resolve_rate(config.noise.kind, config.noise.rate),
+        config.noise.seed,
+        dataset.num_classes,
+        params=config.noise.params.to_dict(),
+        class_names=dataset.class_names,
+    )
+
+
 class Trainer:
     """One training run of one method on one dataset and noise realisation."""
 
@@ -269,15 +282,7 @@ class Trainer:
         self.dataset = load_dataset(config) if dataset is None else dataset
         self.num_classes = self.dataset.num_classes
         train = self.dataset.train
-        self.noise = apply_noise(
-            train.labels,
-            config.noise.kind,
-            resolve_rate(config.noise.kind, config.noise.rate),
-            config.noise.seed,
-            self.num_classes,
-            params=config.noise.params.to_dict(),
-            class_names=self.dataset.class_names,
-        )
+        self.noise = run_noise(config, self.dataset)
         if config.cleanse.get("lfm_oracle", False) and config.noise.kind == "none":
             raise ValueError("cleanse.lfm_oracle needs simulated noise (noise.kind is none)")
         if config.method == "oracle" and config.noise.kind == "none":

@@ -1,5 +1,6 @@
 """The run report on tiny trained runs: files, numbers from metrics.jsonl, noise-card grouping."""
 
+import base64
 import json
 import shutil
 
@@ -34,7 +35,7 @@ def train_run(tmp_path_factory, tiny_dataset):
 
 @pytest.fixture(scope="module")
 def selfcleanse_run(train_run):
-    return train_run("selfcleanse", method="selfcleanse")
+    return train_run("selfcleanse", method="selfcleanse", **{"train.checkpoint": True})
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,34 @@ def _assert_images(paths):
         assert image.std() > 0, f"{path} is blank"
 
 
-def test_report_writes_the_plots_and_the_summary(selfcleanse_run, report):
-    names = ["curves.png", "lfm.png", "losses.png", "summary.md"]
+FIGURES = ["curves.png", "lfm.png", "memorisation.png", "losses.png", "overlays.png"]
+
+
+def test_report_writes_the_plots_the_summary_and_a_page(selfcleanse_run, report):
+    names = [*FIGURES, "summary.md", "index.html"]
     assert report["files"] == [str(selfcleanse_run / "report" / name) for name in names]
-    _assert_images(report["files"][:3])
+    _assert_images(report["files"][: len(FIGURES)])
     assert report["summary"]["skipped"] == []
     json.dumps(report["summary"])
+
+
+def test_the_page_holds_the_summary_and_every_figure_embedded(selfcleanse_run, report):
+    page = (selfcleanse_run / "report" / "index.html").read_text()
+    for name in FIGURES:
+        data = base64.b64encode((selfcleanse_run / "report" / name).read_bytes()).decode()
+        assert f'alt="{name}" src="data:image/png;base64,{data}"' in page
+    assert page.count("<img") == len(FIGURES)  # nothing loaded from elsewhere
+    assert f"{_records(selfcleanse_run)[-1]['test_dice']:.4f}" in page
+
+
+def test_the_overlays_show_noisy_slices_flagged_and_not(selfcleanse_run):
+    card = json.loads((selfcleanse_run / "noise_card.json").read_text())
+    last = read_rounds(selfcleanse_run)[2]
+    noisy = {r["id"] for r in card["records"] if r["noisy"]}
+    flagged = set(last["idx"][last["flagged"]].tolist())
+    # what the figure's rows are drawn from: up to three of each, all truly noisy
+    assert noisy & flagged or noisy - flagged
+    _assert_images([selfcleanse_run / "report" / "overlays.png"])
 
 
 def test_summary_numbers_are_those_of_metrics_jsonl(selfcleanse_run, report):
@@ -115,23 +138,27 @@ def test_without_a_noise_card_the_losses_form_one_group(selfcleanse_run, tmp_pat
     assert result["summary"]["skipped"] == ["clean/noisy split: no noise_card.json"]
 
 
-def test_a_run_without_dynamics_skips_only_the_losses_plot(train_run, tmp_path):
+def test_a_run_without_dynamics_skips_the_plots_made_from_them(train_run, tmp_path):
     workdir = train_run("no_dynamics", method="selfcleanse", **{"train.record_dynamics": False})
     assert not (workdir / "dynamics").exists()
     result = make_report(workdir, tmp_path)
     names = [path.rsplit("/", 1)[-1] for path in result["files"]]
-    assert names == ["curves.png", "lfm.png", "summary.md"]
+    assert names == ["curves.png", "lfm.png", "summary.md", "index.html"]
     _assert_images(result["files"][:2])
     skipped = result["summary"]["skipped"]
-    assert skipped == ["losses.png: no dynamics files (train.record_dynamics was off)"]
+    assert skipped == [
+        "memorisation.png: no dynamics files (train.record_dynamics was off)",
+        "losses.png: no dynamics files (train.record_dynamics was off)",
+    ]
     assert skipped[0] in (tmp_path / "summary.md").read_text()
 
 
 def test_a_baseline_run_gets_curves_and_summary_only(train_run, tmp_path):
     workdir = train_run("baseline", method="baseline")
     result = make_report(workdir, tmp_path)
-    assert result["files"] == [str(tmp_path / "curves.png"), str(tmp_path / "summary.md")]
-    _assert_images(result["files"][:1])
+    names = ["curves.png", "memorisation.png", "summary.md", "index.html"]
+    assert result["files"] == [str(tmp_path / name) for name in names]
+    _assert_images(result["files"][:2])
     summary = result["summary"]
     assert summary["cleansing_rounds"] == 0 and "last_flagged" not in summary
     assert summary["final_test_dice"] == _records(workdir)[-1]["test_dice"]
