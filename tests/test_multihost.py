@@ -5,6 +5,7 @@ records."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,16 +93,42 @@ def _flags(workdir: Path) -> dict[int, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
-def test_two_processes_train_the_model_one_process_trains(tmp_path, parallel):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run on 1 process x 4 devices (pmap and shard_map give the same update)."""
     assert jax.device_count() == 4
-    single = tmp_path / "single"
-    train.run(tiny_config(**RUN, parallel=parallel), single)
+    workdir = tmp_path_factory.mktemp("single")
+    train.run(tiny_config(**RUN, parallel="shard_map"), workdir)
+    return workdir
 
-    double = tmp_path / "double"
-    results = _launch_two(double, parallel)
+
+def _assert_same_run(single: Path, double: Path) -> None:
+    flags_single, flags_double = _flags(single), _flags(double)
+    assert sorted(flags_single) == list(range(1, EPOCHS))  # a round in every epoch after one
+    for epoch, flagged in flags_single.items():
+        np.testing.assert_array_equal(flags_double[epoch], flagged, err_msg=f"epoch {epoch}")
+    params_single, params_double = _final_params(single), _final_params(double)
+    assert params_single.keys() == params_double.keys()
+    for name, value in params_single.items():
+        np.testing.assert_allclose(params_double[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    summary_single = json.loads((single / "summary.json").read_text())
+    summary_double = json.loads((double / "summary.json").read_text())
+    assert summary_double["test_dice"] == pytest.approx(summary_single["test_dice"], abs=1e-4)
+
+
+def _assert_both_ended(results: list[subprocess.CompletedProcess]) -> None:
     for index, result in enumerate(results):
         assert result.returncode == 0, f"process {index}:\n{result.stdout[-3000:]}"
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)],  # pmap: 80 s more
+)
+def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path, parallel):
+    double = tmp_path / "double"
+    results = _launch_two(double, parallel)
+    _assert_both_ended(results)
     # Process 0 speaks for the job: one set of records, one line per epoch.
     lines = (double / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == EPOCHS
@@ -110,19 +137,18 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path, parallel):
         == (TINY_SETTINGS["train.batch_size"])
     )
     assert "process 0 of 2" in results[0].stdout
-
-    flags_single, flags_double = _flags(single), _flags(double)
-    assert sorted(flags_single) == list(range(1, EPOCHS))  # a round in every epoch after one
-    for epoch, flagged in flags_single.items():
-        np.testing.assert_array_equal(flags_double[epoch], flagged, err_msg=f"epoch {epoch}")
-
-    params_single, params_double = _final_params(single), _final_params(double)
-    assert params_single.keys() == params_double.keys()
-    for name, value in params_single.items():
-        np.testing.assert_allclose(params_double[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
-    summary_single = json.loads((single / "summary.json").read_text())
-    summary_double = json.loads((double / "summary.json").read_text())
-    assert summary_double["test_dice"] == pytest.approx(summary_single["test_dice"], abs=1e-4)
+    assert "process 1 of 2" not in results[1].stdout  # the others log warnings only
+    _assert_same_run(one_process, double)
+    if parallel == "shard_map":
+        # Every process resumes from the collective checkpoint of epoch 1 and ends the same.
+        newest = max(int(p.name) for p in (double / "checkpoints").iterdir() if p.name.isdigit())
+        shutil.rmtree(double / "checkpoints" / str(newest))
+        (double / "summary.json").unlink()
+        results = _launch_two(double, parallel)
+        _assert_both_ended(results)
+        assert "resumed from the checkpoint of step" in results[0].stdout
+        assert len((double / "metrics.jsonl").read_text().splitlines()) == EPOCHS
+        _assert_same_run(one_process, double)
 
 
 def test_a_coordinator_needs_a_process_count_and_index():
