@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from selfcleanse_jax import atomic
+from selfcleanse_jax.config import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,27 @@ FIGURE_TITLES = {
 }
 
 
+def _markdown_table_html(lines: list[str]) -> str:
+    """A pipe table (header, rule, rows) as an HTML table; cells escaped."""
+    rows = [
+        [html.escape(c.strip()) for c in line.strip().strip("|").split(" | ")] for line in lines
+    ]
+    header = "".join(f"<th>{c}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[2:])
+    return f"<table><tr>{header}</tr>{body}</table>"
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}th,td{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:left}img{max-width:100%}</style></head><body>"
+        f"{body}</body></html>\n"
+    )
+
+
 def _embedded(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
@@ -411,16 +433,79 @@ def index_html(summary: dict, figures: list[Path], run: Path) -> str:
         f"<h2>{html.escape(FIGURE_TITLES.get(p.name, p.stem))}</h2>{_embedded(p)}" for p in figures
     ]
     skipped = "".join(f"<li>{html.escape(reason)}</li>" for reason in summary["skipped"])
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>selfcleanse report: {html.escape(str(run))}</title><style>"
-        "body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;"
-        "text-align:left}img{max-width:100%}</style></head><body>"
+    return _page(
+        f"selfcleanse report: {run}",
         f"<h1>Run {html.escape(run.name)}</h1><p>{html.escape(str(run))}</p>"
         f"<table>{''.join(rows)}</table>{''.join(sections)}"
-        + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "")
-        + "</body></html>\n"
+        + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else ""),
+    )
+
+
+def plot_study(cells: dict[tuple[str, str], dict[str, dict[int, dict]]], path: Path) -> Path:
+    """Per (dataset, protocol): each method's test Dice per seed, one line per seed across
+    the methods (the pairing), the mean as a black bar."""
+    keys = list(cells)
+    columns = min(len(keys), 3)
+    rows = -(-len(keys) // columns)
+    figure = Figure(figsize=(4.6 * columns, 3.8 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    for ax, (dataset, protocol) in zip(axes, keys, strict=False):
+        cell = cells[dataset, protocol]
+        methods = [m for m in METHODS if m in cell]
+        seeds = sorted({s for by_seed in cell.values() for s in by_seed})
+        for seed in seeds:
+            values = [
+                100 * cell[m][seed]["test_dice"] if seed in cell[m] else np.nan for m in methods
+            ]
+            ax.plot(range(len(methods)), values, "o-", color="grey", alpha=0.6, markersize=4)
+        means = [100 * np.mean([r["test_dice"] for r in cell[m].values()]) for m in methods]
+        ax.scatter(range(len(methods)), means, marker="_", s=600, color="black", zorder=3)
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set(ylabel="test Dice (%)", title=f"{dataset} · {protocol}")
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    figure.suptitle("Test Dice per seed (grey lines pair a seed's runs; black bars: means)")
+    return _save(figure, path)
+
+
+def study_page(
+    results: dict,
+    cells: dict[tuple[str, str], dict[str, dict[int, dict]]],
+    markdown_text: str,
+    output: Path,
+) -> Path:
+    """`output/index.html`: the study's tables (`markdown_text`), its per-cell figure and
+    links to every run's own page; self-contained but for those links. `cells`: the rows by
+    (dataset, protocol), method and seed."""
+    figure = plot_study(cells, output / "study.png")
+    blocks, table = [], []
+    for line in markdown_text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            blocks.append(_markdown_table_html(table))
+            table = []
+        if line.startswith("### "):
+            blocks.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line:
+            blocks.append(f"<p>{html.escape(line)}</p>")
+    pages = sorted(p.relative_to(output) for p in output.glob("runs/**/report/index.html"))
+    links = "".join(
+        f'<li><a href="{html.escape(str(p))}">{html.escape(str(p.parent.parent))}</a></li>'
+        for p in pages
+    )
+    seconds = results.get("seconds")
+    return atomic.write_text(
+        output / "index.html",
+        _page(
+            f"selfcleanse study: {output}",
+            f"<h1>Study {html.escape(output.name)}</h1>"
+            + (f"<p>{len(results['rows'])} rows, {seconds:.0f} s.</p>" if seconds else "")
+            + "".join(blocks)
+            + f"<h2>Test Dice per seed</h2>{_embedded(figure)}"
+            + (f"<h2>Runs</h2><ul>{links}</ul>" if links else ""),
+        ),
     )
 
 

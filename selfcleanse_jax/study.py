@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from selfcleanse_jax import atomic
+from selfcleanse_jax import atomic, report
 from selfcleanse_jax.config import METHODS
 from selfcleanse_jax.data.phantom import PHANTOMS
 from selfcleanse_jax.demo import demo_config
@@ -299,6 +299,7 @@ def main(
     atomic.write_text(output / "study.json", json.dumps(results, indent=1) + "\n")
     text = markdown(rows)
     atomic.write_text(output / "study.md", text + "\n")
+    report.study_page(results, cells(rows), text, output)
     print(text)
     print(
         f"\n{len(tasks)} runs in {results['seconds']:.0f} s ({jobs} at once); results in {output}"

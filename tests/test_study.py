@@ -69,6 +69,10 @@ def test_study_rows_tables_and_reuse(tmp_path):
     table = (tmp_path / "study.md").read_text()
     assert "| cardiac | paper-b |" in table and "| cardiac | paper-l |" in table
     assert "### cardiac · paper-l" in table
+    page = (tmp_path / "index.html").read_text()
+    assert "<td>cardiac</td><td>paper-b</td>" in page and "<h3>cardiac · paper-l</h3>" in page
+    assert 'alt="study.png" src="data:image/png;base64,' in page
+    assert page.count('/report/index.html"') == len(list(tmp_path.glob("runs/**/index.html")))
 
     # Asked again: every finished run is reused, nothing retrained.
     summaries = sorted((tmp_path / "runs").rglob("summary.json"))
