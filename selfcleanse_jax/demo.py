@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from selfcleanse_jax import atomic
+from selfcleanse_jax import atomic, report
 from selfcleanse_jax.config import METHODS, default_config
 from selfcleanse_jax.runs import RunTask, run_many
 
@@ -94,8 +94,9 @@ def main(
     overwrite: bool = False,
     jobs: int = 1,
 ) -> dict:
-    """Run the comparison; write `output/demo_results.json` and `.md`, and each run's report
-    (`output/NOISE_METHOD/report/`); print the table.
+    """Run the comparison; write `output/demo_results.json` and `.md`, each run's report
+    (`output/NOISE_METHOD/report/`) and `output/index.html`, a page linking them; print the
+    table.
 
     `config` replaces `demo_config(quick)`; each run sets its own method and noise kind, one
     of `noise_kinds` (noise models or presets). A run folder that already holds this run is
@@ -125,6 +126,7 @@ def main(
     atomic.write_text(output / "demo_results.json", json.dumps(results, indent=1) + "\n")
     table = markdown_table(rows)
     atomic.write_text(output / "demo_results.md", table + "\n")
+    report.results_page("Demo", table, output, intro=f"{len(tasks)} training runs")
     print(table)
     print(f"\n{len(tasks)} training runs in {results['seconds']:.0f} s; results in {output}")
     return results

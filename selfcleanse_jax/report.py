@@ -474,12 +474,22 @@ def study_page(
     markdown_text: str,
     output: Path,
 ) -> Path:
-    """`output/index.html`: the study's tables (`markdown_text`), its per-cell figure and
-    links to every run's own page; self-contained but for those links. `cells`: the rows by
-    (dataset, protocol), method and seed."""
+    """`output/index.html` of a study: its tables (`markdown_text`), a figure of every cell
+    (`cells`: the rows by (dataset, protocol), method and seed) and links to the runs."""
     figure = plot_study(cells, output / "study.png")
+    seconds = results.get("seconds")
+    intro = f"{len(results['rows'])} rows, {seconds:.0f} s." if seconds else ""
+    return results_page(f"Study {output.name}", markdown_text, output, [figure], intro)
+
+
+def results_page(
+    title: str, markdown_text: str, output: Path, figures: list[Path] = (), intro: str = ""
+) -> Path:
+    """`output/index.html`: the tables and paragraphs of `markdown_text`, `figures`
+    embedded, and links to the page of every run found under `output`; self-contained but
+    for those links."""
     blocks, table = [], []
-    for line in markdown_text.splitlines() + [""]:
+    for line in [*markdown_text.splitlines(), ""]:
         if line.startswith("|"):
             table.append(line)
             continue
@@ -490,20 +500,23 @@ def study_page(
             blocks.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line:
             blocks.append(f"<p>{html.escape(line)}</p>")
-    pages = sorted(p.relative_to(output) for p in output.glob("runs/**/report/index.html"))
+    shown = "".join(
+        f"<h2>{html.escape(FIGURE_TITLES.get(p.name, 'Test Dice per seed'))}</h2>{_embedded(p)}"
+        for p in figures
+    )
+    pages = sorted(p.relative_to(output) for p in output.glob("**/report/index.html"))
     links = "".join(
         f'<li><a href="{html.escape(str(p))}">{html.escape(str(p.parent.parent))}</a></li>'
         for p in pages
     )
-    seconds = results.get("seconds")
     return atomic.write_text(
         output / "index.html",
         _page(
-            f"selfcleanse study: {output}",
-            f"<h1>Study {html.escape(output.name)}</h1>"
-            + (f"<p>{len(results['rows'])} rows, {seconds:.0f} s.</p>" if seconds else "")
+            f"selfcleanse: {title}",
+            f"<h1>{html.escape(title)}</h1>"
+            + (f"<p>{html.escape(intro)}</p>" if intro else "")
             + "".join(blocks)
-            + f"<h2>Test Dice per seed</h2>{_embedded(figure)}"
+            + shown
             + (f"<h2>Runs</h2><ul>{links}</ul>" if links else ""),
         ),
     )

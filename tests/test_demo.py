@@ -48,6 +48,10 @@ def test_demo_writes_every_row_in_the_documented_form(tmp_path):
         summary = (tmp_path / run / "report" / "summary.md").read_text()
         assert f"| method | {run.split('_')[1]} |" in summary
     assert (tmp_path / "paper-l_selfcleanse" / "report" / "losses.png").is_file()
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("<tr>") == 1 + len(saved["rows"])  # the table: header and rows
+    for run in ("paper-b_baseline", "paper-l_selfcleanse", "paper-b_oracle"):
+        assert f'<a href="{run}/report/index.html">' in page
     # Asked again, the demo reports its finished runs; with another config it refuses.
     again = demo.main(tmp_path, config=config)
     assert [r["test_dice"] for r in again["rows"]] == [r["test_dice"] for r in saved["rows"]]
