@@ -201,7 +201,8 @@ class Checkpointer:
         if "data" in saved:
             items["data"] = ocp.args.JsonRestore()
         if "partial" in saved and partial_template is not None:
-            items["partial"] = ocp.args.StandardRestore(partial_template)
+            # As saved, not shaped like the template: older runs saved fewer arrays.
+            items["partial"] = ocp.args.StandardRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         bank = {k: np.asarray(v) for k, v in restored["bank"].items()}
         partial = restored.get("partial")

@@ -65,23 +65,26 @@ def detection_metrics(
     return {"auc": auc, "precision": precision, "recall": recall}
 
 
-def label_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
-    """Mean over samples of the mean foreground Dice over classes present in a or b.
+def slice_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per sample (N,), the mean foreground Dice over the classes present in a or b.
 
-    a and b are (N, H, W) label maps (e.g. given vs clean, cleansed vs clean). A sample with no
-    foreground in either scores 1.0; an empty batch gives NaN.
+    a and b are (N, H, W) label maps (e.g. given vs clean, a prediction vs the given label).
+    A sample with no foreground in either scores 1.0.
     """
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"expected two (N, H, W) arrays of one shape, got {a.shape}, {b.shape}")
-    if a.shape[0] == 0:
-        return float("nan")
     inter, total = _foreground_counts(a, b, num_classes, axes=(1, 2))  # (N, K-1)
     present = total > 0
     dice = np.where(present, 2.0 * inter / np.maximum(total, 1.0), 0.0)
     n_present = present.sum(axis=1)
-    per_sample = np.where(n_present > 0, dice.sum(axis=1) / np.maximum(n_present, 1), 1.0)
-    return float(per_sample.mean())
+    return np.where(n_present > 0, dice.sum(axis=1) / np.maximum(n_present, 1), 1.0)
+
+
+def label_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
+    """Mean over samples of `slice_dice`; an empty batch gives NaN."""
+    per_sample = slice_dice(a, b, num_classes)
+    return float(per_sample.mean()) if per_sample.size else float("nan")
 
 
 # -- volume metrics with voxel geometry (evaluation of a trained model) ----------------------

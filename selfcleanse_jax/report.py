@@ -220,14 +220,17 @@ def plot_memorisation(
 ) -> Path:
     """Each slice's training loss against its training target over the epochs, coloured by
     whether its given label is truly noisy, with each group's median: memorisation shows as
-    the noisy slices' losses falling to the clean ones'."""
+    the noisy slices' losses falling to the clean ones'. At the cleansing rounds, also the
+    Dice of the model's prediction to the given label per group: memorisation shows as the
+    noisy slices' Dice rising to the clean ones'."""
     epochs = sorted(dynamics)
     first = dynamics[epochs[0]]
     order = np.argsort(first["idx"])
     losses = np.stack([dynamics[e]["train_loss"][np.argsort(dynamics[e]["idx"])] for e in epochs])
     groups = slice_groups(first["idx"][order], truth)
-    figure = Figure(figsize=(11, 4), layout="constrained")
-    paths, ratio = figure.subplots(1, 2)
+    rounds = [e for e in epochs if "prediction_given_dice" in dynamics[e]]
+    figure = Figure(figsize=(16.5 if rounds else 11, 4), layout="constrained")
+    paths, ratio, *given = figure.subplots(1, 3 if rounds else 2)
     colours = {"clean": "tab:blue", "noisy": "tab:red", "all": "tab:grey"}
     for name, mask in groups.items():
         if not mask.any():
@@ -245,7 +248,18 @@ def plot_memorisation(
         ratio.axhline(1.0, color="grey", linewidth=0.8)
     ratio.set(xlabel="epoch", ylabel="median loss, noisy / clean slices")
     ratio.set_title("Memorisation: how far the noisy slices' loss stays above")
-    for axes in (paths, ratio):
+    if rounds:
+        dice = np.stack(
+            [dynamics[e]["prediction_given_dice"][np.argsort(dynamics[e]["idx"])] for e in rounds]
+        )
+        for name, mask in groups.items():
+            if mask.any():
+                mean = np.nanmean(dice[:, mask], axis=1)
+                given[0].plot(rounds, mean, "o-", color=colours[name], label=f"{name} (mean)")
+        given[0].set(xlabel="epoch (cleansing round)", ylabel="Dice to the given label")
+        given[0].set_title("The model's prediction against the given label")
+        _legend(given[0])
+    for axes in (paths, ratio, *given):
         _mark_warmup_end(axes, warmup_end)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(paths)

@@ -293,6 +293,8 @@ class Trainer:
         )
         self.loss_history: list[np.ndarray] = []
         self.lfm_input: np.ndarray | None = None  # the last round's GMM input (normalised)
+        # The last round's per-slice Dice of the model's prediction to the given label.
+        self.prediction_given_dice: np.ndarray | None = None
         # Where the input pipeline stands: {"epoch", "step", "iterator" (grain state)}.
         self.data_state: dict | None = None
 
@@ -363,6 +365,10 @@ class Trainer:
             truth = np.where(self.noise.is_noisy, 0.0, 1.0).astype(np.float32)
             result = dataclasses.replace(result, clean_prob=truth, noisy=truth < c.tau)
         self.lfm_input = result.normalised
+        # How closely the model reproduces each given label: memorisation, per slice.
+        self.prediction_given_dice = metrics.slice_dice(
+            predictions, self.bank.given, self.num_classes
+        ).astype(np.float32)  # as a checkpoint keeps it, so a resumed run records the same
         if result.message:
             log.warning("epoch %d: %s", epoch, result.message)
         split = separation(result.fit)
@@ -629,6 +635,7 @@ class Trainer:
                 lfm_input=self.lfm_input,
                 clean_prob=self.bank.clean_prob,
                 flagged=self.bank.flagged,
+                prediction_given_dice=self.prediction_given_dice,
             )
         with atomic.replacing(self.workdir / "dynamics" / f"epoch_{epoch:04d}.npz", "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -663,10 +670,14 @@ class Trainer:
 
     def _partial_arrays(self) -> dict[str, np.ndarray]:
         """Per-sample arrays of the epoch under way, for checkpoints taken inside it."""
-        lfm_input = self.lfm_input
-        if lfm_input is None:
-            lfm_input = np.full(len(self.dataset.train), np.nan, np.float32)
-        return {"train_loss": self.epoch_losses, "lfm_input": lfm_input}
+        missing = np.full(len(self.dataset.train), np.nan, np.float32)
+        return {
+            "train_loss": self.epoch_losses,
+            "lfm_input": missing if self.lfm_input is None else self.lfm_input,
+            "prediction_given_dice": (
+                missing if self.prediction_given_dice is None else self.prediction_given_dice
+            ),
+        }
 
     def save(self, checkpointer: Checkpointer, epoch: int) -> None:
         """Checkpoint everything that decides the rest of the run, after the last step of
@@ -716,6 +727,7 @@ class Trainer:
             self.epoch_record = meta["record"]
             self.epoch_losses = partial["train_loss"]
             self.lfm_input = partial["lfm_input"]
+            self.prediction_given_dice = partial.get("prediction_given_dice")
         log.info(
             "resumed from the checkpoint of step %d in %s, %s epoch %d",
             step,

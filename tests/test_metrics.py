@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from selfcleanse_jax.data.cases import IGNORE_INDEX
-from selfcleanse_jax.metrics import detection_metrics, dice_per_class, label_dice
+from selfcleanse_jax.metrics import detection_metrics, dice_per_class, label_dice, slice_dice
 
 
 def test_dice_per_class_closed_form():
@@ -62,3 +62,14 @@ def test_label_dice_ignored_pixels_count_as_missed():
     cleansed = clean.copy()
     cleansed[0, 0, 0] = IGNORE_INDEX
     assert label_dice(cleansed, clean, num_classes=2) == pytest.approx(2 * 1 / 3)
+
+
+def test_slice_dice_is_per_sample_over_the_classes_present():
+    a = np.zeros((3, 4, 4), np.int32)
+    b = np.zeros((3, 4, 4), np.int32)
+    a[0, :2] = 1  # 8 px
+    b[0, :1] = 1  # 4 px, inside: Dice 2*4/12
+    a[1, 0, 0] = 2  # class 2 only in a: Dice 0 over the one class present
+    # sample 2: no foreground in either
+    np.testing.assert_allclose(slice_dice(a, b, 3), [8 / 12, 0.0, 1.0])
+    assert label_dice(a, b, 3) == pytest.approx((8 / 12 + 0.0 + 1.0) / 3)

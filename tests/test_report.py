@@ -110,6 +110,11 @@ def test_gmm_input_groups_follow_the_noise_card_by_sample_id(selfcleanse_run):
     assert 0 < len(noisy_ids) < len(card["records"])
     rounds = read_rounds(selfcleanse_run)
     assert sorted(rounds) == [1, 2]
+    for arrays in rounds.values():  # the model's prediction against the given label, per slice
+        assert arrays["prediction_given_dice"].shape == arrays["idx"].shape
+        assert (
+            (arrays["prediction_given_dice"] >= 0) & (arrays["prediction_given_dice"] <= 1)
+        ).all()
     expected = {"clean": [], "noisy": []}
     for epoch in (1, 2):
         arrays = np.load(selfcleanse_run / "dynamics" / f"epoch_{epoch:04d}.npz")
