@@ -462,7 +462,7 @@ def plot_study(cells: dict[tuple[str, str], dict[str, dict[int, dict]]], path: P
     columns = min(len(keys), 3)
     rows = -(-len(keys) // columns)
     figure = Figure(figsize=(4.6 * columns, 3.8 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, (dataset, protocol) in zip(axes, keys, strict=False):
         cell = cells[dataset, protocol]
         methods = [m for m in METHODS if m in cell]
@@ -493,14 +493,19 @@ def study_page(
     figure = plot_study(cells, output / "study.png")
     seconds = results.get("seconds")
     intro = f"{len(results['rows'])} rows, {seconds:.0f} s." if seconds else ""
-    return results_page(f"Study {output.name}", markdown_text, output, [figure], intro)
+    figures = {"Test Dice per seed": figure}
+    return results_page(f"Study {output.name}", markdown_text, output, figures, intro)
 
 
 def results_page(
-    title: str, markdown_text: str, output: Path, figures: list[Path] = (), intro: str = ""
+    title: str,
+    markdown_text: str,
+    output: Path,
+    figures: dict[str, Path] | None = None,
+    intro: str = "",
 ) -> Path:
-    """`output/index.html`: the tables and paragraphs of `markdown_text`, `figures`
-    embedded, and links to the page of every run found under `output`; self-contained but
+    """`output/index.html`: the tables and paragraphs of `markdown_text`, `figures` (by
+    heading) embedded, and links to the page of every run found under `output`; self-contained but
     for those links."""
     blocks, table = [], []
     for line in [*markdown_text.splitlines(), ""]:
@@ -515,8 +520,8 @@ def results_page(
         elif line:
             blocks.append(f"<p>{html.escape(line)}</p>")
     shown = "".join(
-        f"<h2>{html.escape(FIGURE_TITLES.get(p.name, 'Test Dice per seed'))}</h2>{_embedded(p)}"
-        for p in figures
+        f"<h2>{html.escape(heading)}</h2>{_embedded(path)}"
+        for heading, path in (figures or {}).items()
     )
     pages = sorted(p.relative_to(output) for p in output.glob("**/report/index.html"))
     links = "".join(
