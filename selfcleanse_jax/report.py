@@ -269,6 +269,18 @@ def plot_memorisation(
 OVERLAY_COLUMNS = ("clean label", "given label", "training target", "prediction")
 
 
+def overlay_examples(
+    last_round: dict[str, np.ndarray], truth: dict[int, bool] | None, per_group: int = 3
+) -> tuple[list[int], set[int]]:
+    """The slices `overlays.png` draws, by sample id: up to `per_group` flagged, then up to
+    `per_group` not flagged, all truly noisy when the truth is known; and the flagged ids."""
+    ids = [int(i) for i in last_round["idx"]]
+    flagged = {i for i, f in zip(ids, last_round["flagged"], strict=True) if f}
+    noisy = [i for i in sorted(ids) if truth is None or truth.get(i)]
+    chosen = [i for i in noisy if i in flagged][:per_group]
+    return chosen + [i for i in noisy if i not in flagged][:per_group], flagged
+
+
 def plot_overlays(
     workdir: Path, last_round: dict[str, np.ndarray], truth: dict[int, bool] | None, path: Path
 ) -> Path:
@@ -294,9 +306,7 @@ def plot_overlays(
     finally:
         checkpointer.close()
     row_of = {int(i): row for row, i in enumerate(train.idx)}
-    flagged = {int(i) for i, f in zip(last_round["idx"], last_round["flagged"], strict=True) if f}
-    noisy = [i for i in row_of if truth is None or truth.get(i)]
-    chosen = [i for i in noisy if i in flagged][:3] + [i for i in noisy if i not in flagged][:3]
+    chosen, flagged = overlay_examples(last_round, truth)
     rows = np.array([row_of[i] for i in chosen], int)
     predictions, _ = model.steps.evaluate(
         model.state, {"image": train.images[rows], "target": given[rows]}

@@ -10,7 +10,13 @@ from matplotlib.image import imread
 
 from selfcleanse_jax import train
 from selfcleanse_jax.data.loading import load_dataset
-from selfcleanse_jax.report import gmm_input_quartiles, make_report, noise_truth, read_rounds
+from selfcleanse_jax.report import (
+    gmm_input_quartiles,
+    make_report,
+    noise_truth,
+    overlay_examples,
+    read_rounds,
+)
 from tiny import tiny_config
 
 # The same epochs everywhere, so that all runs share one compilation of the training steps.
@@ -74,14 +80,28 @@ def test_the_page_holds_the_summary_and_every_figure_embedded(selfcleanse_run, r
     assert f"{_records(selfcleanse_run)[-1]['test_dice']:.4f}" in page
 
 
-def test_the_overlays_show_noisy_slices_flagged_and_not(selfcleanse_run):
+def test_the_overlays_show_noisy_slices_flagged_and_not(selfcleanse_run, report):
     card = json.loads((selfcleanse_run / "noise_card.json").read_text())
     last = read_rounds(selfcleanse_run)[2]
+    chosen, flagged = overlay_examples(last, noise_truth(card))
+    assert flagged == set(last["idx"][last["flagged"]].tolist())
     noisy = {r["id"] for r in card["records"] if r["noisy"]}
-    flagged = set(last["idx"][last["flagged"]].tolist())
-    # what the figure's rows are drawn from: up to three of each, all truly noisy
-    assert noisy & flagged or noisy - flagged
+    assert chosen and set(chosen) <= noisy
+    # one row of 2.6 inches at 100 dpi per chosen slice, flagged ones first
+    assert imread(selfcleanse_run / "report" / "overlays.png").shape[0] == 260 * len(chosen)
     _assert_images([selfcleanse_run / "report" / "overlays.png"])
+
+
+def test_overlay_examples_take_flagged_then_unflagged_noisy_slices():
+    last = {
+        "idx": np.array([7, 3, 1, 0, 5, 2, 6, 4]),
+        "flagged": np.array([1, 1, 1, 0, 0, 1, 0, 1], bool),
+    }
+    truth = {i: i % 2 == 1 or i == 6 for i in range(8)}  # noisy: 1, 3, 5, 6, 7
+    chosen, flagged = overlay_examples(last, truth, per_group=2)
+    assert flagged == {7, 3, 1, 2, 4}
+    assert chosen == [1, 3, 5, 6]
+    assert overlay_examples(last, None, per_group=1)[0] == [1, 0]
 
 
 def test_summary_numbers_are_those_of_metrics_jsonl(selfcleanse_run, report):
