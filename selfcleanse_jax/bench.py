@@ -76,6 +76,28 @@ def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int) -> dict:
     return figures
 
 
+SPLIT_WEIGHT_GRAD_PARTS = 8
+"""`model.weight_grad_parts` of the split-weight-gradient train figure: one part per image."""
+
+
+def split_weight_grad_step_seconds(config, trainer: train.Trainer, batch: dict, repeats: int):
+    """Seconds per train step of the same run with `model.weight_grad_parts` set, on the same
+    batch and data."""
+    split = train.resolved_config(config)
+    split.model.weight_grad_parts = SPLIT_WEIGHT_GRAD_PARTS
+    workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_split_")
+    other = train.Trainer(split, workdir, trainer.dataset)
+    key = jax.random.key(0)
+
+    def train_step():
+        other.state, losses, _ = other.steps.train(other.state, batch, key)
+        return losses
+
+    seconds = _timed(train_step, repeats)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return seconds
+
+
 def run(quick: bool = False) -> dict:
     """All figures as a flat JSON-ready dict; `quick` uses fewer repeats and smaller sets."""
     repeats = 2 if quick else 5
@@ -93,6 +115,7 @@ def run(quick: bool = False) -> dict:
         return losses
 
     train_s = _timed(train_step, repeats)
+    split_s = split_weight_grad_step_seconds(config, trainer, batch, repeats)
     forward_batch = {
         "image": np.resize(table.images, (32, *table.images.shape[1:])),
         "target": np.resize(table.labels, (32, *table.labels.shape[1:])),
@@ -119,6 +142,7 @@ def run(quick: bool = False) -> dict:
         "host": platform.processor() or platform.machine(),
         "image_size": [int(height), int(width)],
         "train_images_per_s": 8 / train_s,
+        "train_images_per_s_split_weight_grad": 8 / split_s,
         "forward_images_per_s": 32 / forward_s,
         "epoch_slices": len(table),
         "epoch_train_s": epoch_s,

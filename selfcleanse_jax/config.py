@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.max_width = 512
     c.model.norm = "instance"
     c.model.compute_dtype = "float32"
+    c.model.weight_grad_parts = 1  # > 1: 3x3 weight gradients summed over parts of each batch
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 50

@@ -31,7 +31,7 @@ from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
-from selfcleanse_jax.config import warmup_epochs
+from selfcleanse_jax.config import default_config, warmup_epochs
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
@@ -218,6 +218,7 @@ def model_config(
         max_width=m.max_width,
         norm=m.norm,
         compute_dtype=m.compute_dtype,
+        weight_grad_parts=m.get("weight_grad_parts", 1),  # absent from older runs' config.json
     )
 
 
@@ -924,8 +925,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(saved: dict, requested: dict) -> list[str]:
     """Keys whose values differ between a run folder's config and a requested one, leaving
     out `NON_RESULT_KEYS`, a modality the request leaves to the data (empty), and the
-    cleansing settings of a method that does not cleanse (baseline, oracle)."""
-    old, new = _flat(saved), _flat(requested)
+    cleansing settings of a method that does not cleanse (baseline, oracle). A key that an
+    older run's config lacks counts as its default, the value that run trained with."""
+    old = {**_flat(default_config().to_dict()), **_flat(saved)}
+    new = _flat(requested)
     cleanses = new.get("method") in ("filter", "selfcleanse")
     differing = []
     for key in sorted(set(old) | set(new)):

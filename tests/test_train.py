@@ -428,6 +428,15 @@ def test_config_differences_skip_what_cannot_change_the_result():
     assert train.config_differences(saved, requested) == ["noise.params"]
 
 
+def test_a_key_an_older_run_lacks_counts_as_its_default():
+    saved = tiny_config().to_dict()
+    del saved["model"]["weight_grad_parts"]  # a run from before the key existed
+    requested = tiny_config().to_dict()
+    assert train.config_differences(saved, requested) == []
+    requested["model"]["weight_grad_parts"] = 8
+    assert train.config_differences(saved, requested) == ["model.weight_grad_parts"]
+
+
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):
     config = tiny_config(
         **{"method": "selfcleanse", "cleanse.warmup_epochs": 2, "cleanse.warmup_dice_weight": 0.0}

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from selfcleanse_jax.models.conv import split_weight_grad_conv
+
 NORMS = ("instance", "group", "batch")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -28,6 +30,7 @@ class UNetConfig:
     norm: str = "instance"
     group_size: int = 8
     compute_dtype: str = "float32"
+    weight_grad_parts: int = 1  # > 1: 3x3 weight gradients summed over parts of the batch
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**level, self.max_width) for level in range(self.depth + 1)]
@@ -55,12 +58,25 @@ class ConvBlock(nnx.Module):
     def __init__(
         self, in_features: int, out_features: int, config: UNetConfig, dtype, rngs: nnx.Rngs
     ):
+        conv = split_weight_grad_conv(config.weight_grad_parts)
         self.conv1 = nnx.Conv(
-            in_features, out_features, (3, 3), use_bias=False, dtype=dtype, rngs=rngs
+            in_features,
+            out_features,
+            (3, 3),
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
+            conv_general_dilated=conv,
         )
         self.norm1 = _make_norm(config, out_features, dtype, rngs)
         self.conv2 = nnx.Conv(
-            out_features, out_features, (3, 3), use_bias=False, dtype=dtype, rngs=rngs
+            out_features,
+            out_features,
+            (3, 3),
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
+            conv_general_dilated=conv,
         )
         self.norm2 = _make_norm(config, out_features, dtype, rngs)
 

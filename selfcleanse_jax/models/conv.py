@@ -1,0 +1,72 @@
+"""A convolution whose weight gradient is summed over parts of the batch.
+
+XLA's CPU backend computes a convolution's weight gradient several times slower than its
+forward pass; the same gradient as a sum of independent per-part gradients runs about twice
+as fast there (the parts run side by side on the CPU's cores). The forward pass and the input
+gradient are the plain ones, and the sum is the same gradient up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def split_weight_grad_conv(parts: int):
+    """A drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`
+    takes it) whose weight gradient is summed over `parts` slices of the batch; 1 is plain."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+
+    def conv(lhs, rhs, window_strides, padding, **settings):
+        if parts == 1 or settings.get("batch_group_count", 1) != 1:
+            return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **settings)
+        if not isinstance(padding, str):
+            padding = tuple(tuple(p) for p in padding)
+        static = (tuple(window_strides), padding, *sorted(_hashable(settings).items()))
+        return _conv(lhs, rhs, static, parts)
+
+    return conv
+
+
+def _hashable(settings: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+
+
+def _plain(lhs, rhs, static):
+    window_strides, padding, *settings = static
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **dict(settings))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(lhs, rhs, static, parts):
+    return _plain(lhs, rhs, static)
+
+
+def _conv_fwd(lhs, rhs, static, parts):
+    return _plain(lhs, rhs, static), (lhs, rhs)
+
+
+def _conv_bwd(static, parts, residuals, cotangent):
+    lhs, rhs = residuals
+    settings = dict(static[2:])
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, settings.get("dimension_numbers"))
+    batch_axis = numbers.lhs_spec[0]
+    lhs_grad = jax.vjp(lambda x: _plain(x, rhs, static), lhs)[1](cotangent)[0]
+    pieces = math.gcd(parts, lhs.shape[batch_axis])
+    rhs_grad = sum(
+        jax.vjp(lambda w, x=x: _plain(x, w, static), rhs)[1](g)[0]
+        for x, g in zip(
+            jnp.split(lhs, pieces, axis=batch_axis),
+            jnp.split(cotangent, pieces, axis=numbers.out_spec[0]),
+            strict=True,
+        )
+    )
+    return lhs_grad, rhs_grad
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)

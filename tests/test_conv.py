@@ -1,0 +1,68 @@
+"""The convolution whose weight gradient is summed over parts of the batch: the same values
+and gradients as the plain one, to float tolerance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from selfcleanse_jax.models.conv import split_weight_grad_conv
+from selfcleanse_jax.models.unet import UNet, UNetConfig
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"window_strides": (1, 1), "padding": "SAME"},
+        {"window_strides": (2, 1), "padding": [(1, 1), (0, 2)], "rhs_dilation": (2, 2)},
+        {"window_strides": (1, 1), "padding": "SAME", "feature_group_count": 2},
+        {
+            "window_strides": (1, 1),
+            "padding": "VALID",
+            "dimension_numbers": ("NCHW", "OIHW", "NCHW"),
+        },
+    ],
+)
+@pytest.mark.parametrize("parts", [4])  # 4 does not divide the batch of 6: gcd, 2 parts
+def test_values_and_gradients_equal_the_plain_convolution(settings, parts):
+    keys = jax.random.split(jax.random.key(0), 3)
+    nchw = settings.get("dimension_numbers", ("NHWC",))[0] == "NCHW"
+    groups = settings.get("feature_group_count", 1)
+    lhs = jax.random.normal(keys[0], (6, 4, 10, 10) if nchw else (6, 10, 10, 4))
+    rhs = jax.random.normal(keys[1], (6, 4 // groups, 3, 3) if nchw else (3, 3, 4 // groups, 6))
+    if not nchw:
+        settings = {**settings, "dimension_numbers": ("NHWC", "HWIO", "NHWC")}
+    plain = lambda x, w: lax.conv_general_dilated(x, w, **settings)  # noqa: E731
+    split = lambda x, w: split_weight_grad_conv(parts)(x, w, **settings)  # noqa: E731
+    np.testing.assert_array_equal(split(lhs, rhs), plain(lhs, rhs))
+    cotangent = jax.random.normal(keys[2], plain(lhs, rhs).shape)
+    for got, want in zip(
+        jax.vjp(split, lhs, rhs)[1](cotangent), jax.vjp(plain, lhs, rhs)[1](cotangent), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_the_unets_parameter_gradients_equal_the_plain_ones():
+    images = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    labels = jax.random.randint(jax.random.key(2), (4, 8, 8), 0, 3)
+
+    def gradients(parts):
+        config = UNetConfig(num_classes=3, depth=1, base_width=4, weight_grad_parts=parts)
+        graphdef, params = nnx.split(UNet(config, rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(images)
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
+
+        return jax.jit(jax.grad(loss))(params)
+
+    plain, split = gradients(1), gradients(2)
+    for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_parts_below_one_are_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        split_weight_grad_conv(0)
