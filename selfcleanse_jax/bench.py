@@ -76,6 +76,17 @@ def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int) -> dict:
     return figures
 
 
+def train_step_seconds(trainer: train.Trainer, batch: dict, repeats: int) -> float:
+    """Seconds per train step of `trainer` on `batch` (its state advances)."""
+    key = jax.random.key(0)
+
+    def train_step():
+        trainer.state, losses, _ = trainer.steps.train(trainer.state, batch, key)
+        return losses
+
+    return _timed(train_step, repeats)
+
+
 SPLIT_WEIGHT_GRAD_PARTS = 8
 """`model.weight_grad_parts` of the split-weight-gradient train figure: one part per image."""
 
@@ -86,14 +97,7 @@ def split_weight_grad_step_seconds(config, trainer: train.Trainer, batch: dict, 
     split = train.resolved_config(config)
     split.model.weight_grad_parts = SPLIT_WEIGHT_GRAD_PARTS
     workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_split_")
-    other = train.Trainer(split, workdir, trainer.dataset)
-    key = jax.random.key(0)
-
-    def train_step():
-        other.state, losses, _ = other.steps.train(other.state, batch, key)
-        return losses
-
-    seconds = _timed(train_step, repeats)
+    seconds = train_step_seconds(train.Trainer(split, workdir, trainer.dataset), batch, repeats)
     shutil.rmtree(workdir, ignore_errors=True)
     return seconds
 
@@ -106,15 +110,8 @@ def run(quick: bool = False) -> dict:
     workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_")
     trainer = train.Trainer(config, workdir, load_dataset(config))
     steps, table = trainer.steps, trainer.dataset.train
-    key = jax.random.key(0)
-
     batch = trainer.bank.batch(table, np.arange(8) % len(table))
-
-    def train_step():
-        trainer.state, losses, _ = steps.train(trainer.state, batch, key)
-        return losses
-
-    train_s = _timed(train_step, repeats)
+    train_s = train_step_seconds(trainer, batch, repeats)
     split_s = split_weight_grad_step_seconds(config, trainer, batch, repeats)
     forward_batch = {
         "image": np.resize(table.images, (32, *table.images.shape[1:])),
@@ -170,13 +167,7 @@ def step_figures(quick: bool, repeats: int) -> dict:
     per_process = config.train.batch_size // jax.process_count()
     rows = np.arange(per_process) + jax.process_index() * per_process
     batch = trainer.bank.batch(table, rows % len(table))
-    key = jax.random.key(0)
-
-    def train_step():
-        trainer.state, losses, _ = steps.train(trainer.state, batch, key)
-        return losses
-
-    step_s = _timed(train_step, repeats)
+    step_s = train_step_seconds(trainer, batch, repeats)
     sweep_s = _timed(
         lambda: train.evaluate_losses(
             steps, trainer.state, table, trainer.bank.given, config.train.eval_batch_size
