@@ -59,25 +59,21 @@ class ConvBlock(nnx.Module):
         self, in_features: int, out_features: int, config: UNetConfig, dtype, rngs: nnx.Rngs
     ):
         conv = split_weight_grad_conv(config.weight_grad_parts)
-        self.conv1 = nnx.Conv(
-            in_features,
-            out_features,
-            (3, 3),
-            use_bias=False,
-            dtype=dtype,
-            rngs=rngs,
-            conv_general_dilated=conv,
-        )
+
+        def conv3x3(features_in: int) -> nnx.Conv:
+            return nnx.Conv(
+                features_in,
+                out_features,
+                (3, 3),
+                use_bias=False,
+                dtype=dtype,
+                rngs=rngs,
+                conv_general_dilated=conv,
+            )
+
+        self.conv1 = conv3x3(in_features)
         self.norm1 = _make_norm(config, out_features, dtype, rngs)
-        self.conv2 = nnx.Conv(
-            out_features,
-            out_features,
-            (3, 3),
-            use_bias=False,
-            dtype=dtype,
-            rngs=rngs,
-            conv_general_dilated=conv,
-        )
+        self.conv2 = conv3x3(out_features)
         self.norm2 = _make_norm(config, out_features, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
