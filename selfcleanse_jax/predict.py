@@ -33,7 +33,7 @@ from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.data.msd import nifti_stem, read_nifti
 from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_volume, restore_labels
 from selfcleanse_jax.models.unet import UNetConfig
-from selfcleanse_jax.steps import Steps, TrainState, init_model
+from selfcleanse_jax.steps import Steps, TrainState, model_graphdefs
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ class TrainedModel:
 
     @functools.cached_property
     def _probabilities(self):
-        graphdef = init_model(self.model_config, 0)[1]  # eval mode: running BatchNorm stats
+        graphdef = model_graphdefs(self.model_config)[1]  # eval mode: running BatchNorm stats
 
         @functools.partial(jax.jit, static_argnames="flip")
         def probabilities(params, batch_stats, images, flip):

@@ -80,15 +80,25 @@ class StepConfig:
             raise ValueError(f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}")
 
 
-def init_model(
-    model_config: UNetConfig, seed: int
-) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
-    """Train-mode and eval-mode graphdefs, parameters and batch statistics of a new U-Net."""
-    model = UNet(model_config, rngs=nnx.Rngs(seed))
+def _split(model: UNet) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
     train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     eval_model = nnx.view(model, use_running_average=True, raise_if_not_found=False)
     eval_graphdef = nnx.split(eval_model, nnx.Param, nnx.BatchStat)[0]
     return train_graphdef, eval_graphdef, params, batch_stats
+
+
+def init_model(
+    model_config: UNetConfig, seed: int
+) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """Train-mode and eval-mode graphdefs, parameters and batch statistics of a new U-Net."""
+    return _split(UNet(model_config, rngs=nnx.Rngs(seed)))
+
+
+def model_graphdefs(model_config: UNetConfig) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """The train-mode and eval-mode graphdefs alone, from an abstract model: nothing is
+    initialised or compiled."""
+    model = nnx.eval_shape(lambda: UNet(model_config, rngs=nnx.Rngs(0)))
+    return _split(model)[:2]
 
 
 def _psum(x, axis_name: str | None):
@@ -286,7 +296,8 @@ class Steps:
         self.model_config = model_config
         self.tx = tx
         self.config = config
-        train_graphdef, eval_graphdef, _, _ = init_model(model_config, 0)
+        train_graphdef, eval_graphdef = model_graphdefs(model_config)
+        self.train_graphdef = train_graphdef
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mode = resolve_parallel(parallel, len(self.devices) * jax.process_count())
         if self.mode == "none":
