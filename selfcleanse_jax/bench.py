@@ -20,11 +20,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from selfcleanse_jax import train
+from selfcleanse_jax.augment import augment_batch
 from selfcleanse_jax.cleansing.gmm import fit_gmm_jax, fit_gmm_sklearn
 from selfcleanse_jax.config import default_config
+from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.losses import label_targets, per_sample_loss
 from selfcleanse_jax.models.unet import conv_flops_per_image
 
 
@@ -54,19 +58,25 @@ def _timed(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's measured float32 matmul rate on the default device."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """This machine's measured matmul rate on the default device (float32 by default)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
     return 2 * size**3 / _timed(lambda: matmul(a), repeats)
 
 
-def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int) -> dict:
+GMM_COMPONENTS = {"separated": ((0.2, 0.05), (0.6, 0.1)), "overlapping": ((0.3, 0.1), (0.45, 0.12))}
+"""(mean, sd) of the clean and noisy losses that the GMM timings fit: 70% clean. EM needs
+many more iterations on the overlapping pair."""
+
+
+def gmm_fit_seconds(sizes: tuple[int, ...], repeats: int, components: str = "separated") -> dict:
     rng = np.random.default_rng(0)
+    (clean_mean, clean_sd), (noisy_mean, noisy_sd) = GMM_COMPONENTS[components]
     figures: dict = {"jax": {}, "sklearn": {}}
     for n in sizes:
-        clean = rng.normal(0.2, 0.05, int(0.7 * n))
-        noisy = rng.normal(0.6, 0.1, n - len(clean))
+        clean = rng.normal(clean_mean, clean_sd, int(0.7 * n))
+        noisy = rng.normal(noisy_mean, noisy_sd, n - len(clean))
         losses = np.concatenate([clean, noisy]).astype(np.float32)
         device_losses = jnp.asarray(losses)
         figures["jax"][str(n)] = _timed(lambda x=device_losses: fit_gmm_jax(x).clean_prob, repeats)
@@ -102,36 +112,144 @@ def split_weight_grad_step_seconds(config, trainer: train.Trainer, batch: dict, 
     return seconds
 
 
+def _trainer(image_size: int, train_cases: int, **model) -> train.Trainer:
+    """A fresh bench trainer of `_bench_config`, with `model` keys overriding the U-Net's."""
+    config = _bench_config(image_size, train_cases)
+    config.noise.kind = "boundary"
+    for key, value in model.items():
+        config.model[key] = value
+    return train.Trainer(
+        config, tempfile.mkdtemp(prefix="selfcleanse_bench_"), load_dataset(config)
+    )
+
+
+def _rows(table, size: int) -> np.ndarray:
+    return np.arange(size) % len(table)
+
+
+def _forward_batch(table, size: int) -> dict:
+    rows = _rows(table, size)
+    return {"image": table.images[rows], "target": table.labels[rows]}
+
+
+def forward_seconds(trainer: train.Trainer, size: int, repeats: int) -> float:
+    """Seconds per forward pass (predictions and per-sample losses) of `size` slices."""
+    batch = _forward_batch(trainer.dataset.train, size)
+    return _timed(lambda: trainer.steps.evaluate(trainer.state, batch), repeats)
+
+
+def shape_figures(repeats: int, quick: bool) -> dict:
+    """Train steps at the shapes a user compares with other codebases: images/s at 128x128
+    batch 32, and 256x256 batch 4 (the PyTorch peer's large setting)."""
+    figures = {}
+    for name, size, batch_size in (("128x128_batch32", 128, 32), ("256x256_batch4", 256, 4)):
+        trainer = _trainer(size, 1 if quick else 4)
+        batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, batch_size))
+        figures[name] = batch_size / train_step_seconds(trainer, batch, repeats)
+        shutil.rmtree(trainer.workdir, ignore_errors=True)
+    return figures
+
+
+def bfloat16_figures(repeats: int, quick: bool) -> dict:
+    """Train (batch 8) and forward (batch 32) images/s at 128x128 with bfloat16 compute
+    (float32 parameters and loss)."""
+    trainer = _trainer(128, 1 if quick else 4, compute_dtype="bfloat16")
+    batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, 8))
+    figures = {
+        "train_images_per_s": 8 / train_step_seconds(trainer, batch, repeats),
+        "forward_images_per_s": 32 / forward_seconds(trainer, 32, repeats),
+    }
+    shutil.rmtree(trainer.workdir, ignore_errors=True)
+    return figures
+
+
+def train_step_parts(trainer: train.Trainer, batch: dict, repeats: int) -> dict:
+    """Where a train step's time goes, each part jitted alone on `batch` (one device):
+    augmentation; the forward pass with its loss; forward and backward to the input only
+    (no weight gradients); forward and backward to the parameters; the optimizer's update;
+    and the whole step. Differences between them give the backward pass's input and weight
+    gradients."""
+    steps, state = trainer.steps, trainer.state
+    graphdef, config = steps.train_graphdef, steps.config
+    targets, mask = label_targets(jnp.asarray(batch["target"]), config.num_classes)
+    images = jnp.asarray(batch["image"])
+    idx = jnp.asarray(batch["idx"])
+
+    def loss(params, images):
+        model = nnx.merge(graphdef, params, state.batch_stats)
+        return jnp.mean(
+            per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
+        )
+
+    augment = jax.jit(lambda key: augment_batch(key, idx, images, targets, mask, config.augment))
+    forward = jax.jit(loss)
+    input_grad = jax.jit(jax.grad(loss, argnums=1))
+    param_grad = jax.jit(jax.grad(loss))
+    grads = param_grad(state.params, images)
+    update = jax.jit(lambda grads, opt_state, params: steps.tx.update(grads, opt_state, params))
+    key = jax.random.key(0)
+    return {
+        "augment": _timed(lambda: augment(key), repeats),
+        "forward": _timed(lambda: forward(state.params, images), repeats),
+        "forward_and_input_grad": _timed(lambda: input_grad(state.params, images), repeats),
+        "forward_and_param_grad": _timed(lambda: param_grad(state.params, images), repeats),
+        "optimizer": _timed(lambda: update(grads, state.opt_state, state.params), repeats),
+        "step": train_step_seconds(trainer, batch, repeats),
+    }
+
+
+EVAL_BATCH_SIZES = (8, 16, 32, 64)
+"""The evaluation batch sizes `run` tries for the cleansing round."""
+
+
+def pipeline_samples_per_s(trainer: train.Trainer, epochs: int) -> float:
+    """Training samples per second that the input pipeline alone delivers (batches read
+    from the target bank, shuffled and stacked on the host, as `train_epoch` reads them)."""
+    start, samples = time.perf_counter(), 0
+    for epoch in range(epochs):
+        for batch in pipeline.epoch_iterator(
+            trainer.epoch_dataset(epoch), trainer.config.train.data_workers
+        ):
+            samples += len(batch["idx"])
+    return samples / (time.perf_counter() - start)
+
+
+def cleanse_round_seconds(trainer: train.Trainer, eval_batch_size: int) -> float:
+    """Seconds per cleansing round (LFM and LCM over the training slices) at this evaluation
+    batch size, after one untimed round."""
+    trainer.config.train.eval_batch_size = eval_batch_size
+    trainer.cleansing_round(1)
+    start = time.perf_counter()
+    trainer.cleansing_round(1)
+    return time.perf_counter() - start
+
+
 def run(quick: bool = False) -> dict:
     """All figures as a flat JSON-ready dict; `quick` uses fewer repeats and smaller sets."""
     repeats = 2 if quick else 5
-    config = _bench_config(image_size=128, train_cases=2 if quick else 8)
-    config.noise.kind = "boundary"
-    workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_")
-    trainer = train.Trainer(config, workdir, load_dataset(config))
+    trainer = _trainer(128, 2 if quick else 8)
     steps, table = trainer.steps, trainer.dataset.train
-    batch = trainer.bank.batch(table, np.arange(8) % len(table))
+    batch = trainer.bank.batch(table, _rows(table, 8))
     train_s = train_step_seconds(trainer, batch, repeats)
-    split_s = split_weight_grad_step_seconds(config, trainer, batch, repeats)
-    forward_batch = {
-        "image": np.resize(table.images, (32, *table.images.shape[1:])),
-        "target": np.resize(table.labels, (32, *table.labels.shape[1:])),
-    }
-    forward_s = _timed(lambda: steps.evaluate(trainer.state, forward_batch), repeats)
+    parts_s = train_step_parts(trainer, batch, repeats)
+    split_s = split_weight_grad_step_seconds(trainer.config, trainer, batch, repeats)
+    forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
+    best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
 
     trainer.train_epoch(0)  # compiles nothing new; warms caches
     start = time.perf_counter()
     trainer.train_epoch(1)
     epoch_s = time.perf_counter() - start
-    trainer.cleansing_round(1)
-    start = time.perf_counter()
-    trainer.cleansing_round(1)
-    cleanse_s = time.perf_counter() - start
+    cleanse_s = cleanse_round_seconds(trainer, trainer.config.train.eval_batch_size)
+    cleanse_best_s = cleanse_round_seconds(trainer, best_eval_batch)
+    pipeline_rate = pipeline_samples_per_s(trainer, epochs=5)
 
-    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(trainer.workdir, ignore_errors=True)
     matmul = matmul_flops_per_s(1024 if quick else 2048, repeats)
     height, width = table.images.shape[1:3]
-    train_flops = 3 * conv_flops_per_image(steps.model_config, height, width) * 8 / train_s
+    forward_flops = conv_flops_per_image(steps.model_config, height, width)
+    train_flops = 3 * forward_flops * 8 / train_s
+    fastest_train = 8 / min(train_s, split_s)
     return {
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "num_devices": steps.num_devices,
@@ -140,14 +258,87 @@ def run(quick: bool = False) -> dict:
         "image_size": [int(height), int(width)],
         "train_images_per_s": 8 / train_s,
         "train_images_per_s_split_weight_grad": 8 / split_s,
-        "forward_images_per_s": 32 / forward_s,
+        "train_images_per_s_by_shape": shape_figures(repeats, quick),
+        "train_step_parts_s": parts_s,
+        "forward_images_per_s": 32 / forward_s[32],
+        "forward_images_per_s_by_batch": {str(k): k / v for k, v in forward_s.items()},
+        "bfloat16": bfloat16_figures(repeats, quick),
         "epoch_slices": len(table),
         "epoch_train_s": epoch_s,
         "cleanse_round_s": cleanse_s,
+        "cleanse_round_s_best_batch": cleanse_best_s,
+        "cleanse_round_best_batch": best_eval_batch,
+        "cleanse_round_over_epoch_train": cleanse_best_s / epoch_s,
+        "pipeline_samples_per_s": pipeline_rate,
+        "pipeline_over_step_demand": pipeline_rate / fastest_train,
         "gmm_fit_s": gmm_fit_seconds((10_000, 100_000), repeats),
+        "gmm_fit_s_overlapping": gmm_fit_seconds((10_000, 100_000), repeats, "overlapping"),
         "matmul_flops_per_s": matmul,
+        "forward_flops_per_image": forward_flops,
         "train_flops_per_s": train_flops,
         "train_fraction_of_matmul_peak": train_flops / matmul,
+    }
+
+
+BFLOAT16_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("TPU v2", 45e12),
+)
+"""Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets, by a substring of
+`device_kind` (first match wins, so 'TPU v5 lite' comes before 'TPU v5')."""
+
+
+def bfloat16_peak(device: jax.Device) -> tuple[float, str]:
+    """The device's bfloat16 peak FLOP/s and where the figure comes from: the data sheet
+    for a known accelerator, else this device's measured bfloat16 matmul rate."""
+    for name, peak in BFLOAT16_PEAK_FLOPS:
+        if name in device.device_kind:
+            return peak, f"data sheet ({name})"
+    return matmul_flops_per_s(2048, 3, jnp.bfloat16), "measured bfloat16 matmul, 2048x2048"
+
+
+def device_report(
+    batch_sizes: tuple[int, ...] = (8, 32, 128),
+    image_size: int = 128,
+    repeats: int = 3,
+    **model,
+) -> dict:
+    """What a user checks first on a new accelerator: the device, its memory in use, and
+    bfloat16 train throughput at each batch size against the device's bfloat16 peak.
+    `model` keys override the default U-Net's (tests use a small one)."""
+    device = jax.devices()[0]
+    peak, peak_source = bfloat16_peak(device)
+    trainer = _trainer(image_size, 1, compute_dtype="bfloat16", **model)
+    flops = 3 * conv_flops_per_image(trainer.steps.model_config, image_size, image_size)
+    throughput = {}
+    for size in batch_sizes:
+        batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, size))
+        images_per_s = size / train_step_seconds(trainer, batch, repeats)
+        throughput[str(size)] = {
+            "train_images_per_s": images_per_s,
+            "fraction_of_bfloat16_peak": images_per_s * flops / peak,
+        }
+    shutil.rmtree(trainer.workdir, ignore_errors=True)
+    memory = device.memory_stats() or {}
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "num_devices": jax.device_count(),
+        "memory_in_use_bytes": memory.get("bytes_in_use"),
+        "memory_peak_bytes": memory.get("peak_bytes_in_use"),
+        "memory_limit_bytes": memory.get("bytes_limit"),
+        "image_size": [image_size, image_size],
+        "train_flops_per_image": flops,
+        "bfloat16_peak_flops_per_s": peak,
+        "bfloat16_peak_source": peak_source,
+        "bfloat16_train": throughput,
     }
 
 

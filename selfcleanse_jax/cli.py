@@ -196,6 +196,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.scaling:
         figures = {"scaling": bench.scaling(quick=args.quick)}
+    elif args.device_report:
+        figures = bench.device_report(
+            batch_sizes=(8, 32) if args.quick else (8, 32, 128),
+            image_size=64 if args.quick else 128,
+            repeats=1 if args.quick else 3,
+        )
     else:
         figures = bench.run(quick=args.quick)
     text = json.dumps(figures, indent=1)
@@ -354,11 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput figures")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
-    bench.add_argument(
+    what = bench.add_mutually_exclusive_group()
+    what.add_argument(
         "--scaling",
         action="store_true",
         help="time a training step and an LFM sweep on 1, 2, 4 simulated devices and on 2 "
         "processes of 2, with the bytes each moves between devices",
+    )
+    what.add_argument(
+        "--device-report",
+        action="store_true",
+        help="the device, its memory in use, and bfloat16 train throughput at batch 8, 32 "
+        "and 128 against the device's bfloat16 peak",
     )
     bench.set_defaults(func=cmd_bench)
 
