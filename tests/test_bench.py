@@ -23,13 +23,11 @@ def test_a_known_accelerator_takes_its_data_sheet_peak(kind, peak):
     assert source.startswith("data sheet")
 
 
-def test_the_device_report_times_every_batch_size_against_a_measured_peak_on_the_cpu():
-    report = bench.device_report(
-        batch_sizes=(4, 8), image_size=32, repeats=1, depth=2, base_width=8
-    )
+def test_the_device_report_times_its_batch_sizes_against_a_measured_peak_on_the_cpu():
+    report = bench.device_report(batch_sizes=(8,), image_size=32, repeats=1, depth=2, base_width=8)
     assert report["device"].startswith("cpu")
     assert report["bfloat16_peak_source"].startswith("measured")
-    assert set(report["bfloat16_train"]) == {"4", "8"}
+    assert set(report["bfloat16_train"]) == {"8"}
     flops = report["train_flops_per_image"]
     for figures in report["bfloat16_train"].values():
         assert figures["train_images_per_s"] > 0
