@@ -101,10 +101,10 @@ SPLIT_WEIGHT_GRAD_PARTS = 8
 """`model.weight_grad_parts` of the split-weight-gradient train figure: one part per image."""
 
 
-def split_weight_grad_step_seconds(config, trainer: train.Trainer, batch: dict, repeats: int):
+def split_weight_grad_step_seconds(trainer: train.Trainer, batch: dict, repeats: int) -> float:
     """Seconds per train step of the same run with `model.weight_grad_parts` set, on the same
     batch and data."""
-    split = train.resolved_config(config)
+    split = train.resolved_config(trainer.config)
     split.model.weight_grad_parts = SPLIT_WEIGHT_GRAD_PARTS
     workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_split_")
     seconds = train_step_seconds(train.Trainer(split, workdir, trainer.dataset), batch, repeats)
@@ -127,14 +127,16 @@ def _rows(table, size: int) -> np.ndarray:
     return np.arange(size) % len(table)
 
 
-def _forward_batch(table, size: int) -> dict:
-    rows = _rows(table, size)
-    return {"image": table.images[rows], "target": table.labels[rows]}
+def _train_batch(trainer: train.Trainer, size: int) -> dict:
+    """A training batch of `size` slices (the training slices repeated as needed)."""
+    return trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, size))
 
 
 def forward_seconds(trainer: train.Trainer, size: int, repeats: int) -> float:
     """Seconds per forward pass (predictions and per-sample losses) of `size` slices."""
-    batch = _forward_batch(trainer.dataset.train, size)
+    table = trainer.dataset.train
+    rows = _rows(table, size)
+    batch = {"image": table.images[rows], "target": table.labels[rows]}
     return _timed(lambda: trainer.steps.evaluate(trainer.state, batch), repeats)
 
 
@@ -144,7 +146,7 @@ def shape_figures(repeats: int, quick: bool) -> dict:
     figures = {}
     for name, size, batch_size in (("128x128_batch32", 128, 32), ("256x256_batch4", 256, 4)):
         trainer = _trainer(size, 1 if quick else 4)
-        batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, batch_size))
+        batch = _train_batch(trainer, batch_size)
         figures[name] = batch_size / train_step_seconds(trainer, batch, repeats)
         shutil.rmtree(trainer.workdir, ignore_errors=True)
     return figures
@@ -154,9 +156,8 @@ def bfloat16_figures(repeats: int, quick: bool) -> dict:
     """Train (batch 8) and forward (batch 32) images/s at 128x128 with bfloat16 compute
     (float32 parameters and loss)."""
     trainer = _trainer(128, 1 if quick else 4, compute_dtype="bfloat16")
-    batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, 8))
     figures = {
-        "train_images_per_s": 8 / train_step_seconds(trainer, batch, repeats),
+        "train_images_per_s": 8 / train_step_seconds(trainer, _train_batch(trainer, 8), repeats),
         "forward_images_per_s": 32 / forward_seconds(trainer, 32, repeats),
     }
     shutil.rmtree(trainer.workdir, ignore_errors=True)
@@ -169,11 +170,11 @@ def train_step_parts(trainer: train.Trainer, batch: dict, repeats: int) -> dict:
     (no weight gradients); forward and backward to the parameters; the optimizer's update;
     and the whole step. Differences between them give the backward pass's input and weight
     gradients."""
-    steps, state = trainer.steps, trainer.state
+    steps = trainer.steps
+    state = jax.device_put(steps.get_state(trainer.state))  # one copy, on the default device
     graphdef, config = steps.train_graphdef, steps.config
     targets, mask = label_targets(jnp.asarray(batch["target"]), config.num_classes)
-    images = jnp.asarray(batch["image"])
-    idx = jnp.asarray(batch["idx"])
+    images, idx = jax.device_put((batch["image"], batch["idx"]))
 
     def loss(params, images):
         model = nnx.merge(graphdef, params, state.batch_stats)
@@ -229,10 +230,10 @@ def run(quick: bool = False) -> dict:
     repeats = 2 if quick else 5
     trainer = _trainer(128, 2 if quick else 8)
     steps, table = trainer.steps, trainer.dataset.train
-    batch = trainer.bank.batch(table, _rows(table, 8))
+    batch = _train_batch(trainer, 8)
     train_s = train_step_seconds(trainer, batch, repeats)
     parts_s = train_step_parts(trainer, batch, repeats)
-    split_s = split_weight_grad_step_seconds(trainer.config, trainer, batch, repeats)
+    split_s = split_weight_grad_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
 
@@ -282,6 +283,7 @@ def run(quick: bool = False) -> dict:
 
 BFLOAT16_PEAK_FLOPS = (
     ("H200", 989e12),
+    ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),
     ("L4", 121e12),
@@ -320,8 +322,7 @@ def device_report(
     flops = 3 * conv_flops_per_image(trainer.steps.model_config, image_size, image_size)
     throughput = {}
     for size in batch_sizes:
-        batch = trainer.bank.batch(trainer.dataset.train, _rows(trainer.dataset.train, size))
-        images_per_s = size / train_step_seconds(trainer, batch, repeats)
+        images_per_s = size / train_step_seconds(trainer, _train_batch(trainer, size), repeats)
         throughput[str(size)] = {
             "train_images_per_s": images_per_s,
             "fraction_of_bfloat16_peak": images_per_s * flops / peak,

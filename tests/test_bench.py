@@ -43,10 +43,10 @@ def test_the_flop_count_is_the_one_torch_counts_for_the_same_u_net(size, gflops)
     assert conv_flops_per_image(UNetConfig(), size, size) / 1e9 == pytest.approx(gflops, abs=5e-4)
 
 
+@pytest.mark.slow  # 22 s; `selfcleanse bench` runs the same function
 def test_every_part_of_the_train_step_is_timed_on_its_own():
     trainer = bench._trainer(32, 1, depth=2, base_width=8)
-    batch = trainer.bank.batch(trainer.dataset.train, bench._rows(trainer.dataset.train, 4))
-    parts = bench.train_step_parts(trainer, batch, repeats=1)
+    parts = bench.train_step_parts(trainer, bench._train_batch(trainer, 4), repeats=1)
     assert set(parts) == {
         "augment",
         "forward",
