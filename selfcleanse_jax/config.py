@@ -121,6 +121,20 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _merged(defaults: dict, saved: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in saved.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else value
+    return merged
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config (its `config.json`) with every key it lacks at its default: the
+    value a run from before that key existed trained with."""
+    return ml_collections.ConfigDict(_merged(default_config().to_dict(), saved))
+
+
 def warmup_epochs(config: ml_collections.ConfigDict) -> int:
     """Epochs of plain training before the first filtering round."""
     if config.cleanse.warmup_epochs >= 0:

@@ -30,6 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from selfcleanse_jax.checkpoint import Checkpointer
+from selfcleanse_jax.config import with_defaults
 from selfcleanse_jax.data.msd import nifti_stem, read_nifti
 from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_volume, restore_labels
 from selfcleanse_jax.models.unet import UNetConfig
@@ -88,7 +89,7 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise ValueError(f"{path}: not found (is {workdir} the workdir of a training run?)")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        return with_defaults(json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: invalid JSON ({error})") from error
 

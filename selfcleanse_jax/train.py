@@ -31,7 +31,7 @@ from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
-from selfcleanse_jax.config import default_config, warmup_epochs
+from selfcleanse_jax.config import warmup_epochs, with_defaults
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
@@ -195,14 +195,14 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         augment=AugmentConfig(**config.augment.to_dict()),
         kappa=c.kappa,
         fallback=c.fallback,
-        band=c.get("band", 2),  # absent from older runs' config.json
-        edge_ignore=c.get("edge_ignore", 0),  # absent from older runs' config.json
+        band=c.band,
+        edge_ignore=c.edge_ignore,
         temperature=c.temperature if c.soft_targets else None,
         morph_radius=c.morph_radius,
         flip_average=c.flip_average,
-        teacher_decay=c.get("teacher_decay", 0.0),  # absent from older runs' config.json
-        lfm_dice_weight=None if c.get("lfm_dice_weight", -1.0) < 0 else c.lfm_dice_weight,
-        lfm_loss=c.get("lfm_loss", "ce"),  # absent from older runs' config.json
+        teacher_decay=c.teacher_decay,
+        lfm_dice_weight=None if c.lfm_dice_weight < 0 else c.lfm_dice_weight,
+        lfm_loss=c.lfm_loss,
     )
 
 
@@ -218,7 +218,7 @@ def model_config(
         max_width=m.max_width,
         norm=m.norm,
         compute_dtype=m.compute_dtype,
-        weight_grad_parts=m.get("weight_grad_parts", 1),  # absent from older runs' config.json
+        weight_grad_parts=m.weight_grad_parts,
     )
 
 
@@ -927,7 +927,7 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
     out `NON_RESULT_KEYS`, a modality the request leaves to the data (empty), and the
     cleansing settings of a method that does not cleanse (baseline, oracle). A key that an
     older run's config lacks counts as its default, the value that run trained with."""
-    old = {**_flat(default_config().to_dict()), **_flat(saved)}
+    old = _flat(with_defaults(saved).to_dict())
     new = _flat(requested)
     cleanses = new.get("method") in ("filter", "selfcleanse")
     differing = []

@@ -15,6 +15,7 @@ from selfcleanse_jax import train
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.predict import load_config
 from tiny import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,6 +436,16 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
     assert train.config_differences(saved, requested) == []
     requested["model"]["weight_grad_parts"] = 8
     assert train.config_differences(saved, requested) == ["model.weight_grad_parts"]
+
+
+def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tmp_path):
+    saved = tiny_config(**{"cleanse.kappa": 0.6}).to_dict()
+    del saved["model"]["weight_grad_parts"], saved["cleanse"]["lfm_loss"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = load_config(tmp_path)
+    assert config.cleanse.kappa == 0.6 and config.model.depth == saved["model"]["depth"]
+    assert config.model.weight_grad_parts == 1 and config.cleanse.lfm_loss == "ce"
+    assert train.model_config(config, 1, 4).weight_grad_parts == 1
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):
