@@ -23,8 +23,8 @@ from selfcleanse_jax import atomic, metrics
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.layouts import detect_layout, iter_layout
 from selfcleanse_jax.data.loading import load_dataset
-from selfcleanse_jax.predict import TrainedModel, load_config, load_trained, segment_volume
-from selfcleanse_jax.train import evaluate_losses
+from selfcleanse_jax.inference import TrainedModel, load_config, load_trained
+from selfcleanse_jax.predict import segment_volume
 
 SPLITS = ("val", "test")
 MEASURES = ("dice", "iou", *metrics.DISTANCES)
@@ -43,8 +43,7 @@ Volume = tuple[str, np.ndarray, np.ndarray, tuple[float, float, float]]
 
 def _prepared_volumes(model: TrainedModel, table: SliceTable) -> Iterator[Volume]:
     """Cases scored on the prepared grid (the phantom, generated on it)."""
-    batch_size = model.config.train.eval_batch_size
-    predictions, _ = evaluate_losses(model.steps, model.state, table, table.labels, batch_size)
+    predictions = model.labels(table.images)
     for case, name in enumerate(table.case_names):
         members = table.volume_slices(case)
         spacing = tuple(float(s) for s in table.spacing[members[0]])

@@ -6,139 +6,24 @@ crop/pad); the predicted labels are mapped back onto the input's array by `resto
 saved as uint8 NIfTI with the input's shape, affine and qform/sform, under the input's file name
 (a `_0000` channel suffix dropped).
 
-`load_trained(workdir)` (also used by `evaluate`) rebuilds the model from `WORKDIR/config.json`
-and the latest checkpoint.
+The model comes from `inference.load_trained`: the run's records and latest checkpoint, no
+optimizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import nibabel as nib
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from selfcleanse_jax.checkpoint import Checkpointer
-from selfcleanse_jax.config import with_defaults
 from selfcleanse_jax.data.msd import nifti_stem, read_nifti
-from selfcleanse_jax.data.preprocess import PreprocessSettings, prepare_volume, restore_labels
-from selfcleanse_jax.models.unet import UNetConfig
-from selfcleanse_jax.steps import Steps, TrainState, model_graphdefs
-
-
-@dataclasses.dataclass
-class TrainedModel:
-    """A run's config, its model restored from the latest checkpoint, and the steps to run it."""
-
-    config: ml_collections.ConfigDict
-    model_config: UNetConfig
-    steps: Steps
-    state: TrainState  # placed for `steps`
-    epoch: int  # the epoch the checkpoint was taken in (at its end, or inside it)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model_config.num_classes
-
-    @functools.cached_property
-    def preprocess(self) -> PreprocessSettings:
-        """How training prepared its cases; a run that recorded no modality is MRI."""
-        return PreprocessSettings.from_config(self.config, "mri")
-
-    @functools.cached_property
-    def host_state(self) -> TrainState:
-        return self.steps.get_state(self.state)
-
-    @functools.cached_property
-    def _probabilities(self):
-        graphdef = model_graphdefs(self.model_config)[1]  # eval mode: running BatchNorm stats
-
-        @functools.partial(jax.jit, static_argnames="flip")
-        def probabilities(params, batch_stats, images, flip):
-            model = nnx.merge(graphdef, params, batch_stats)
-            probs = jax.nn.softmax(model(images).astype(jnp.float32), axis=-1)
-            if flip:
-                mirrored = jax.nn.softmax(model(images[:, :, ::-1]).astype(jnp.float32), axis=-1)
-                probs = 0.5 * (probs + mirrored[:, :, ::-1])
-            return probs
-
-        return probabilities
-
-    def probabilities(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
-        """Softmax (B, H, W, K) of images (B, H, W, C); with `flip`, averaged with that of the
-        horizontally mirrored images (mirrored back)."""
-        state = self.host_state
-        return np.asarray(
-            self._probabilities(state.params, state.batch_stats, jnp.asarray(images), flip)
-        )
-
-
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: not found (is {workdir} the workdir of a training run?)")
-    try:
-        return with_defaults(json.loads(path.read_text()))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from error
-
-
-def _saved_shapes(raw: Any) -> tuple[int, int]:
-    """(in_channels, num_classes) read from the saved parameters (first conv, head)."""
-    params = raw["params"]
-    head = np.shape(jax.tree.leaves(params["head"]["kernel"])[0])
-    encoders = params["encoders"]
-    first = (
-        encoders[0] if isinstance(encoders, list | tuple) else encoders.get("0", encoders.get(0))
-    )
-    in_channels = np.shape(jax.tree.leaves(first["conv1"]["kernel"])[0])[-2]
-    return int(in_channels), int(head[-1])
-
-
-def load_trained(workdir: str | Path, parallel: str | None = None) -> TrainedModel:
-    """The model of a training run's latest checkpoint.
-
-    Raises a one-line ValueError naming the path when the workdir has no config.json or no
-    checkpoint. `parallel` overrides the run's `config.parallel`.
-    """
-    from selfcleanse_jax.train import OptimizerConfig, model_config, step_config
-
-    workdir = Path(workdir)
-    config = load_config(workdir)
-    checkpoints = workdir / "checkpoints"
-    if not checkpoints.is_dir():
-        raise ValueError(f"{checkpoints}: no checkpoint found")
-    checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ValueError(f"{checkpoints}: no checkpoint found")
-        epoch = checkpointer.read_meta(step)["epoch"]
-        in_channels, num_classes = _saved_shapes(checkpointer.restore_state(step))
-        mc = model_config(config, in_channels, num_classes)
-        t = config.train
-        # Only the optimiser state's structure matters for the restore template.
-        optimizer = OptimizerConfig(t.learning_rate, t.weight_decay, t.warmup_steps, 1)
-        steps = Steps(
-            mc, optimizer.build(), step_config(config, num_classes), parallel or config.parallel
-        )
-        template = steps.get_state(steps.init_state(config.seed))
-        state = steps.put_state(checkpointer.restore_state(step, template))
-    finally:
-        checkpointer.close()
-    return TrainedModel(config=config, model_config=mc, steps=steps, state=state, epoch=epoch)
-
+from selfcleanse_jax.data.preprocess import prepare_volume, restore_labels
+from selfcleanse_jax.inference import TrainedModel, load_trained
 
 # -- NIfTI in, NIfTI out ---------------------------------------------------------------------
 
@@ -197,15 +82,8 @@ def segment_volume(
     volume's exact shape and orientation; the volume is prepared as training prepared cases."""
     if model.model_config.in_channels != 1:
         raise ValueError(f"the model expects {model.model_config.in_channels} input channels")
-    batch_size = model.config.train.eval_batch_size
     slices, inverse = prepare_volume(volume, affine, spacing, model.preprocess)
-    labels = np.concatenate(
-        [
-            np.argmax(model.probabilities(slices[i : i + batch_size], flip_tta), axis=-1)
-            for i in range(0, len(slices), batch_size)
-        ]
-    ).astype(np.uint8)
-    return restore_labels(np.moveaxis(labels, 0, -1), inverse)
+    return restore_labels(np.moveaxis(model.labels(slices, flip_tta), 0, -1), inverse)
 
 
 def save_labels(labels: np.ndarray, like: nib.spatialimages.SpatialImage, path: Path) -> None:
@@ -255,7 +133,7 @@ def predict(
             raise ValueError(f"{target}: output would overwrite the input; choose another --output")
     if len(set(targets)) < len(targets):
         raise ValueError(f"{input_path}: several inputs would give the same output name")
-    model = load_trained(workdir, parallel="none")
+    model = load_trained(workdir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:

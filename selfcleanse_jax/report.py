@@ -293,10 +293,10 @@ def plot_overlays(
     from selfcleanse_jax.checkpoint import Checkpointer
     from selfcleanse_jax.data.cases import IGNORE_INDEX
     from selfcleanse_jax.data.loading import load_dataset
-    from selfcleanse_jax.predict import load_trained
+    from selfcleanse_jax.inference import load_trained
     from selfcleanse_jax.train import run_noise
 
-    model = load_trained(workdir, parallel="none")
+    model = load_trained(workdir)
     dataset = load_dataset(model.config)
     train = dataset.train
     given = run_noise(model.config, dataset).noisy_labels
@@ -308,9 +308,7 @@ def plot_overlays(
     row_of = {int(i): row for row, i in enumerate(train.idx)}
     chosen, flagged = overlay_examples(last_round, truth)
     rows = np.array([row_of[i] for i in chosen], int)
-    predictions, _ = model.steps.evaluate(
-        model.state, {"image": train.images[rows], "target": given[rows]}
-    )
+    predictions = model.labels(train.images[rows])
     figure = Figure(figsize=(10, 2.6 * max(len(rows), 1)), layout="constrained")
     axes = figure.subplots(max(len(rows), 1), len(OVERLAY_COLUMNS), squeeze=False)
     for r, (sample, row) in enumerate(zip(chosen, rows, strict=True)):

@@ -39,7 +39,12 @@ from selfcleanse_jax.losses import (
     label_targets,
     per_sample_loss,
 )
-from selfcleanse_jax.models.unet import UNet, UNetConfig
+from selfcleanse_jax.models.unet import (
+    UNetConfig,
+    class_probabilities,
+    init_model,
+    model_graphdefs,
+)
 
 PARALLEL_MODES = ("auto", "pmap", "shard_map", "none")
 AXIS = "data"
@@ -78,27 +83,6 @@ class StepConfig:
     def __post_init__(self):
         if self.lfm_loss not in LFM_LOSSES:
             raise ValueError(f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}")
-
-
-def _split(model: UNet) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
-    train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    eval_model = nnx.view(model, use_running_average=True, raise_if_not_found=False)
-    eval_graphdef = nnx.split(eval_model, nnx.Param, nnx.BatchStat)[0]
-    return train_graphdef, eval_graphdef, params, batch_stats
-
-
-def init_model(
-    model_config: UNetConfig, seed: int
-) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
-    """Train-mode and eval-mode graphdefs, parameters and batch statistics of a new U-Net."""
-    return _split(UNet(model_config, rngs=nnx.Rngs(seed)))
-
-
-def model_graphdefs(model_config: UNetConfig) -> tuple[nnx.GraphDef, nnx.GraphDef]:
-    """The train-mode and eval-mode graphdefs alone, from an abstract model: nothing is
-    initialised or compiled."""
-    model = nnx.eval_shape(lambda: UNet(model_config, rngs=nnx.Rngs(0)))
-    return _split(model)[:2]
 
 
 def _psum(x, axis_name: str | None):
@@ -236,10 +220,7 @@ def cleanse_step(
     come from the EMA teacher when there is one.
     """
     model = _model(state, graphdef, teacher=True)
-    probs = jax.nn.softmax(model(batch["image"]), axis=-1)
-    if config.flip_average:
-        mirrored = jax.nn.softmax(model(batch["image"][:, :, ::-1]), axis=-1)[:, :, ::-1]
-        probs = 0.5 * (probs + mirrored)
+    probs = class_probabilities(model, batch["image"], config.flip_average)
     hard, soft = cleanse_batch(
         probs,
         batch["target"],
@@ -296,12 +277,12 @@ class Steps:
         self.model_config = model_config
         self.tx = tx
         self.config = config
-        train_graphdef, eval_graphdef = model_graphdefs(model_config)
-        self.train_graphdef = train_graphdef
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mode = resolve_parallel(parallel, len(self.devices) * jax.process_count())
         if self.mode == "none":
             self.devices = self.devices[:1]
+        train_graphdef, eval_graphdef = model_graphdefs(model_config)
+        self.train_graphdef = train_graphdef
         self.num_devices = len(self.devices) * jax.process_count()
         train = functools.partial(train_step, graphdef=train_graphdef, tx=tx, config=config)
         forward = {

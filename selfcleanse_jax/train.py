@@ -35,7 +35,7 @@ from selfcleanse_jax.config import warmup_epochs, with_defaults
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
-from selfcleanse_jax.models.unet import UNetConfig
+from selfcleanse_jax.models.unet import MODEL_FILE, UNetConfig
 from selfcleanse_jax.noise import NoiseRealisation, apply_noise, resolve_rate
 from selfcleanse_jax.steps import StepConfig, Steps, TrainState
 
@@ -206,22 +206,6 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
     )
 
 
-def model_config(
-    config: ml_collections.ConfigDict, in_channels: int, num_classes: int
-) -> UNetConfig:
-    m = config.model
-    return UNetConfig(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        depth=m.depth,
-        base_width=m.base_width,
-        max_width=m.max_width,
-        norm=m.norm,
-        compute_dtype=m.compute_dtype,
-        weight_grad_parts=m.weight_grad_parts,
-    )
-
-
 def _in_batches(n: int, size: int):
     for start in range(0, n, size):
         yield np.arange(start, min(start + size, n))
@@ -317,7 +301,7 @@ class Trainer:
             total_steps=self.steps_per_epoch * config.train.epochs,
         )
         self.steps = compiled_steps(
-            model_config(config, train.images.shape[-1], self.num_classes),
+            UNetConfig.from_config(config.model, train.images.shape[-1], self.num_classes),
             step_config(config, self.num_classes),
             optimizer,
             config.parallel,
@@ -833,6 +817,7 @@ class Trainer:
             with saved.unlocked():
                 saved.data.modality = self.dataset.modality
             atomic.write_text(self.workdir / "config.json", saved.to_json(indent=1) + "\n")
+            self.steps.model_config.save(self.workdir)
         checkpointer = None
         if config.train.checkpoint:
             checkpointer = Checkpointer(
@@ -877,7 +862,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 """One JSON line per finished epoch, appended and fsynced before the epoch's checkpoint."""
 
-RECORDS = ("config.json", "noise_card.json", METRICS_FILE, SUMMARY_FILE)
+RECORDS = ("config.json", MODEL_FILE, "noise_card.json", METRICS_FILE, SUMMARY_FILE)
 RECORD_DIRS = (CHECKPOINTS, UNREADABLE, "dynamics", "report", "eval", board.DIRECTORY)
 
 NON_RESULT_KEYS = frozenset(

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from selfcleanse_jax import train
+from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.data.phantom import write_phantom_dataset
 from selfcleanse_jax.evaluate import evaluate
-from selfcleanse_jax.predict import load_trained, output_name, predict
+from selfcleanse_jax.inference import load_trained
+from selfcleanse_jax.models.unet import MODEL_FILE, UNetConfig
+from selfcleanse_jax.predict import output_name, predict
 from tiny import tiny_config
 
 
@@ -66,10 +71,62 @@ def test_predict_on_phantom_files_segments_as_training_prepared_them(workdir, tm
     [written] = predict(workdir, root / "imagesTs", tmp_path / "out", progress=False)
     data = np.asanyarray(nib.load(written).dataobj)
     assert data.shape == (32, 32, 4) and data.dtype == np.uint8
-    model = load_trained(workdir, parallel="none")
+    model = load_trained(workdir)
     table = load_dataset(model.config).test
-    expected = np.argmax(model.probabilities(table.images), axis=-1)
-    np.testing.assert_array_equal(np.moveaxis(data, -1, 0), expected)
+    np.testing.assert_array_equal(np.moveaxis(data, -1, 0), model.labels(table.images))
+
+
+def _copy_run(workdir, target):
+    """The run's records in `target`, its checkpoint rewritten with only the step, weights and
+    batch statistics of its state (no optimizer state, no teacher)."""
+    target.mkdir()
+    for name in ("config.json", MODEL_FILE):
+        (target / name).write_text((workdir / name).read_text())
+    source = Checkpointer(workdir, read_only=True)
+    step = source.latest_step()
+    state = source.restore_state(step)
+    meta = source.read_meta(step)
+    source.close()
+    assert "opt_state" in state  # the training run's checkpoint has one
+    copy = Checkpointer(target)
+    bank = {"targets": np.zeros(1)}  # orbax writes no empty item
+    copy.save(step, {k: state[k] for k in ("step", "params", "batch_stats")}, bank, meta)
+    copy.close()
+
+
+def test_predict_needs_no_optimizer_state(workdir, tmp_path):
+    """A checkpoint holding the weights alone is enough, and gives the same labels."""
+    _copy_run(workdir, tmp_path / "weights_only")
+    root = write_phantom_dataset(
+        tmp_path / "phantom", num_train=2, num_test=1, seed=0, image_size=32, num_slices=4
+    )
+    [full] = predict(workdir, root / "imagesTs", tmp_path / "full", progress=False)
+    [alone] = predict(
+        tmp_path / "weights_only", root / "imagesTs", tmp_path / "alone", progress=False
+    )
+    np.testing.assert_array_equal(nib.load(alone).get_fdata(), nib.load(full).get_fdata())
+
+
+def test_model_record_gives_the_architecture_and_older_runs_still_load(workdir, tmp_path):
+    model = load_trained(workdir)
+    saved = json.loads((workdir / MODEL_FILE).read_text())
+    assert UNetConfig(**saved) == model.model_config
+    assert (saved["in_channels"], saved["num_classes"]) == (1, 4)
+    older = tmp_path / "older"
+    _copy_run(workdir, older)
+    (older / MODEL_FILE).unlink()  # a run from before the architecture was recorded
+    images = load_dataset(model.config).test.images
+    np.testing.assert_array_equal(load_trained(older).labels(images), model.labels(images))
+
+
+def test_inference_does_not_import_the_training_loop():
+    code = (
+        "import sys, selfcleanse_jax.predict, selfcleanse_jax.evaluate;"
+        "print(sorted(m for m in sys.modules if m in "
+        "('selfcleanse_jax.train', 'selfcleanse_jax.steps', 'selfcleanse_jax.cleansing')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_predict_rejects_a_file_that_is_not_nifti(workdir, tmp_path):

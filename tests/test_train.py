@@ -15,7 +15,7 @@ from selfcleanse_jax import train
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.data.loading import load_dataset
-from selfcleanse_jax.predict import load_config
+from selfcleanse_jax.inference import load_config
 from tiny import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

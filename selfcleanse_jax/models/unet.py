@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.models.conv import split_weight_grad_conv
+
+MODEL_FILE = "model.json"
+"""A run folder's record of its U-Net's architecture: `UNetConfig`'s fields as JSON."""
 
 NORMS = ("instance", "group", "batch")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -31,6 +38,25 @@ class UNetConfig:
     group_size: int = 8
     compute_dtype: str = "float32"
     weight_grad_parts: int = 1  # > 1: 3x3 weight gradients summed over parts of the batch
+
+    @classmethod
+    def from_config(cls, model: Any, in_channels: int, num_classes: int) -> UNetConfig:
+        """The architecture a run's `config.model` sets, for data of these channel counts."""
+        return cls(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            depth=model.depth,
+            base_width=model.base_width,
+            max_width=model.max_width,
+            norm=model.norm,
+            compute_dtype=model.compute_dtype,
+            weight_grad_parts=model.weight_grad_parts,
+        )
+
+    def save(self, workdir: Path) -> None:
+        """Record the architecture in `WORKDIR/model.json`, for inference from the run."""
+        text = json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+        atomic.write_text(Path(workdir) / MODEL_FILE, text)
 
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**level, self.max_width) for level in range(self.depth + 1)]
@@ -125,6 +151,43 @@ class UNet(nnx.Module):
             x = upsample(x)
             x = decoder(jnp.concatenate([x, skips.pop()], axis=-1))
         return self.head(x.astype(jnp.float32))
+
+
+def _split(model: UNet) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    eval_model = nnx.view(model, use_running_average=True, raise_if_not_found=False)
+    eval_graphdef = nnx.split(eval_model, nnx.Param, nnx.BatchStat)[0]
+    return train_graphdef, eval_graphdef, params, batch_stats
+
+
+def init_model(
+    model_config: UNetConfig, seed: int
+) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """Train-mode and eval-mode graphdefs, parameters and batch statistics of a new U-Net."""
+    return _split(UNet(model_config, rngs=nnx.Rngs(seed)))
+
+
+def abstract_model(
+    model_config: UNetConfig,
+) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.State, nnx.State]:
+    """`init_model`'s graphdefs, with parameters and batch statistics as shapes only: nothing
+    is initialised or compiled."""
+    return _split(nnx.eval_shape(lambda: UNet(model_config, rngs=nnx.Rngs(0))))
+
+
+def model_graphdefs(model_config: UNetConfig) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """The train-mode and eval-mode graphdefs alone (`abstract_model`)."""
+    return abstract_model(model_config)[:2]
+
+
+def class_probabilities(model: UNet, images: jax.Array, flip: bool = False) -> jax.Array:
+    """Softmax (B, H, W, K) of images (B, H, W, C); with `flip`, averaged with that of the
+    horizontally mirrored images (mirrored back)."""
+    probs = jax.nn.softmax(model(images), axis=-1)
+    if flip:
+        mirrored = jax.nn.softmax(model(images[:, :, ::-1]), axis=-1)[:, :, ::-1]
+        probs = 0.5 * (probs + mirrored)
+    return probs
 
 
 def conv_flops_per_image(config: UNetConfig, height: int, width: int) -> float:
