@@ -7,8 +7,8 @@ Each step is a pure function of (state, batch, key). `Steps` wraps them for one 
 - `shard_map`: `jax.jit` of `jax.shard_map` over a `('data',)` mesh, state replicated.
 
 All three compute the same global-batch update: every device differentiates its share of
-the global mean loss and the shares are summed with `lax.psum`; batch statistics (BatchNorm)
-are averaged with `lax.pmean`.
+the global mean loss and the shares are summed with `lax.psum`; BatchNorm takes its batch
+statistics over the global batch (its `axis_name`), as it does on one device.
 
 With several processes (`selfcleanse_jax.distributed`), shard_map's mesh spans every
 process's devices and pmap's collectives span them too: each process feeds its own rows of
@@ -89,10 +89,6 @@ def _psum(x, axis_name: str | None):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _pmean(x, axis_name: str | None):
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
 def _batch_targets(batch: dict, num_classes: int) -> tuple[jax.Array, jax.Array]:
     """Targets (B, H, W, K) and pixel mask; with soft targets, (B, H, W, 2K): the soft targets
     (for cross-entropy) then the hard labels' one-hot (for Dice), resampled together."""
@@ -150,7 +146,6 @@ def train_step(
 
     grads, (losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = _psum(grads, axis_name)
-    batch_stats = _pmean(batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     teacher = state.teacher
@@ -281,7 +276,11 @@ class Steps:
         self.mode = resolve_parallel(parallel, len(self.devices) * jax.process_count())
         if self.mode == "none":
             self.devices = self.devices[:1]
-        train_graphdef, eval_graphdef = model_graphdefs(model_config)
+        # Mapped over devices, BatchNorm takes its statistics over the whole global batch.
+        axis = None if self.mode == "none" else AXIS
+        train_graphdef, eval_graphdef = model_graphdefs(
+            dataclasses.replace(model_config, batch_norm_axis=axis)
+        )
         self.train_graphdef = train_graphdef
         self.num_devices = len(self.devices) * jax.process_count()
         train = functools.partial(train_step, graphdef=train_graphdef, tx=tx, config=config)

@@ -37,6 +37,12 @@ def _sgd_steps(mode: str, model=MODEL, config=CONFIG) -> Steps:
     return Steps(model, optax.sgd(0.1), config, parallel=mode)
 
 
+@functools.cache
+def _adam_steps(mode: str, norm: str) -> Steps:
+    """Steps with Adam (an optimizer state to compare), compiled once per mode and norm."""
+    return Steps(dataclasses.replace(MODEL, norm=norm), optax.adam(1e-2), CONFIG, parallel=mode)
+
+
 def _one_step(mode: str, model=MODEL, config=CONFIG):
     steps = _sgd_steps(mode, model, config)
     state = steps.init_state(seed=0)
@@ -50,18 +56,6 @@ def test_simulated_devices_are_present():
     assert resolve_parallel("auto") == "shard_map"
 
 
-def test_parallel_modes_give_the_same_parameters():
-    reference, reference_losses = _one_step("none")
-    for mode in ("pmap", "shard_map"):
-        state, losses = _one_step(mode)
-        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
-        flat_ref = jax.tree.leaves(reference.params)
-        flat = jax.tree.leaves(state.params)
-        for a, b in zip(flat, flat_ref, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=mode)
-        assert int(state.step) == 1
-
-
 def test_step_changes_parameters():
     steps = Steps(MODEL, optax.adam(1e-2), CONFIG, parallel="none")
     before = steps.get_state(steps.init_state(0))
@@ -73,14 +67,28 @@ def test_step_changes_parameters():
     assert all(moved)
 
 
-def test_batch_norm_statistics_agree_between_pmap_and_shard_map():
-    model = dataclasses.replace(MODEL, norm="batch")
-    pmapped, _ = _one_step("pmap", model)
-    sharded, _ = _one_step("shard_map", model)
-    for a, b in zip(
-        jax.tree.leaves(pmapped.batch_stats), jax.tree.leaves(sharded.batch_stats), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_parallel_modes_give_the_same_update_with_either_norm(norm):
+    """One step under pmap and shard_map over 4 devices equals the single-device step: its
+    parameters, optimizer state and batch statistics (BatchNorm averages its batch
+    statistics over the whole global batch in every mode)."""
+    after = {}
+    for mode in ("none", "pmap", "shard_map"):
+        steps = _adam_steps(mode, norm)
+        state, losses, _ = steps.train(steps.init_state(0), _batch(), jax.random.key(1))
+        after[mode] = (steps.get_state(state), np.asarray(losses))
+    reference, reference_losses = after["none"]
+    assert jax.tree.leaves(reference.batch_stats) or norm != "batch"
+    for mode in ("pmap", "shard_map"):
+        state, losses = after[mode]
+        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6, err_msg=mode)
+        for part in ("params", "opt_state", "batch_stats"):
+            for a, b in zip(
+                jax.tree.leaves(getattr(state, part)),
+                jax.tree.leaves(getattr(reference, part)),
+                strict=True,
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{mode} {part}")
 
 
 def test_per_sample_losses_equal_one_sample_at_a_time():
@@ -247,7 +255,7 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_in_every_parallel_mode(m
     if mode == "none":
         steps = _sgd_steps(mode, MODEL, dataclasses.replace(CONFIG, teacher_decay=0.75))
     else:
-        steps = _sgd_steps(mode, dataclasses.replace(MODEL, norm="batch"), CONFIG)
+        steps = _adam_steps(mode, "batch")
     nan_pixel, infinite_weight = _batch(), _batch()
     nan_pixel["image"][5, 3, 3] = np.nan  # a sample on the second of four devices
     infinite_weight["weight"][2] = np.inf

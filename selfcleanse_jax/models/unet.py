@@ -38,6 +38,7 @@ class UNetConfig:
     group_size: int = 8
     compute_dtype: str = "float32"
     weight_grad_parts: int = 1  # > 1: 3x3 weight gradients summed over parts of the batch
+    batch_norm_axis: str | None = None  # a mapped axis over which BatchNorm takes its statistics
 
     @classmethod
     def from_config(cls, model: Any, in_channels: int, num_classes: int) -> UNetConfig:
@@ -74,7 +75,9 @@ def _make_norm(config: UNetConfig, features: int, dtype, rngs: nnx.Rngs) -> nnx.
             rngs=rngs,
         )
     if config.norm == "batch":
-        return nnx.BatchNorm(features, momentum=0.9, dtype=dtype, rngs=rngs)
+        return nnx.BatchNorm(
+            features, momentum=0.9, dtype=dtype, axis_name=config.batch_norm_axis, rngs=rngs
+        )
     raise ValueError(f"model.norm must be one of {NORMS}, got {config.norm!r}")
 
 
