@@ -71,69 +71,57 @@ def _with_noise_params(config, params: dict):
     return config
 
 
-def _parse_train(argv: list[str]):
-    """Parse `--config FILE [--config.KEY=VALUE ...] --workdir DIR` with ml_collections."""
-    from absl import flags
-    from ml_collections import config_flags
+def load_config_file(spec: str):
+    """The ConfigDict of `--config`: `FILE.py` (its `get_config()`), `FILE.py:ARG` (its
+    `get_config(ARG)`), or a run folder's `config.json` (that run's settings, the keys it
+    lacks at their defaults), so that a run can be replayed from its own record."""
+    import inspect
+    import runpy
 
-    flag_values = flags.FlagValues()
-    argv, noise_params = _split_noise_params(argv)
-    argv = ["selfcleanse train", *argv]
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "ml_collections config file.",
-        flag_values=flag_values,
-        lock_config=True,
-        sys_argv=argv,  # the overrides to define are read from here, not from sys.argv
-    )
-    flags.DEFINE_string(
-        "workdir",
-        None,
-        "Directory for metrics, noise card and checkpoints.",
-        flag_values=flag_values,
-    )
-    flags.DEFINE_boolean("debug", False, "Show tracebacks.", flag_values=flag_values)
-    flags.DEFINE_boolean(
-        "overwrite",
-        False,
-        "Start afresh in a workdir that holds a run of another config.",
-        flag_values=flag_values,
-    )
-    try:
-        flag_values(argv)
-    except (flags.Error, KeyError, AttributeError) as e:
-        raise UsageError(_one_line(e)) from None
-    if flag_values.config is None:
-        raise UsageError("--config is required, e.g. --config configs/phantom.py")
-    if not flag_values.workdir:
-        raise UsageError("--workdir is required")
-    config = _with_noise_params(flag_values.config, noise_params)
-    return config, flag_values.workdir, flag_values.overwrite
+    from selfcleanse_jax.config import with_defaults
+
+    path, sep, arg = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        path, arg = spec, ""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{file}: config file not found")
+    if file.suffix == ".json":
+        try:
+            return with_defaults(json.loads(file.read_text()))
+        except json.JSONDecodeError as error:
+            raise UsageError(f"{file}: invalid JSON ({_one_line(error)})") from None
+    if file.suffix != ".py":
+        raise UsageError(f"{file}: --config takes a .py file with get_config() or a config.json")
+    get_config = runpy.run_path(str(file)).get("get_config")
+    if get_config is None:
+        raise UsageError(f"{file}: defines no get_config()")
+    if arg and not inspect.signature(get_config).parameters:
+        raise UsageError(f"{file}: get_config() takes no argument, got {arg!r}")
+    return get_config(arg) if arg else get_config()
 
 
-TRAIN_USAGE = """\
-usage: selfcleanse train --config FILE --workdir DIR [--config.KEY=VALUE ...] [--overwrite]
-                         [--debug]
-
+TRAIN_DESCRIPTION = """\
 Train one model. FILE is a Python file whose get_config() returns an ml_collections
-ConfigDict (configs/phantom.py, configs/msd.py); every key of selfcleanse_jax/config.py can
+ConfigDict (configs/phantom.py, configs/msd.py; FILE.py:ARG calls get_config(ARG)), or a run
+folder's config.json, which replays that run. Every key of selfcleanse_jax/config.py can
 be overridden, e.g. --config.method=baseline --config.noise.kind=paper-l
---config.train.epochs=20. Writes DIR/config.json,
-DIR/metrics.jsonl, DIR/noise_card.json, DIR/checkpoints/ and, when done, DIR/summary.json.
-Rerunning the same command resumes an unfinished run and reports a finished one; a DIR
-holding another config is refused unless --overwrite. SIGTERM or Ctrl-C finishes the step
-under way, saves a checkpoint there and exits 0."""
+--config.train.epochs=20. Writes DIR/config.json, DIR/model.json, DIR/metrics.jsonl,
+DIR/noise_card.json, DIR/checkpoints/ and, when done, DIR/summary.json. Rerunning the same
+command resumes an unfinished run and reports a finished one; a DIR holding another config
+is refused unless --overwrite. SIGTERM or Ctrl-C finishes the step under way, saves a
+checkpoint there and exits 0."""
 
 
-def cmd_train(argv: list[str]) -> int:
-    if {"-h", "--help"} & set(argv):
-        print(TRAIN_USAGE)
-        return 0
-    config, workdir, overwrite = _parse_train(argv)
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.config is None:
+        raise UsageError("--config is required, e.g. --config configs/phantom.py")
+    if not args.workdir:
+        raise UsageError("--workdir is required")
+    config = _apply_overrides(load_config_file(args.config), overrides)
     from selfcleanse_jax import distributed, train
 
-    summary = train.run(config, workdir, overwrite=overwrite)
+    summary = train.run(config, args.workdir, overwrite=args.overwrite)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))
     return 0
@@ -148,6 +136,13 @@ def _apply_overrides(config, overrides: list[str]):
     if bad:
         raise UsageError(f"unrecognised arguments: {' '.join(bad)}")
     overrides, noise_params = _split_noise_params(overrides)
+    for override in overrides:
+        key = override.removeprefix("--config.").partition("=")[0]
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                raise UsageError(f"--config.{key}: the config has no such key")
+            node = node[part]
     flag_values = flags.FlagValues()
     argv = ["selfcleanse", *overrides]
     try:
@@ -304,8 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "train", help="train one model (options: --config FILE --workdir DIR)", add_help=False
+    tr = sub.add_parser(
+        "train",
+        help="train one model (any --config.KEY=VALUE applies)",
+        usage="selfcleanse train --config FILE --workdir DIR [--config.KEY=VALUE ...] "
+        "[--overwrite]",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--config", metavar="FILE", help="a .py config or a run's config.json")
+    tr.add_argument("--workdir", metavar="DIR", help="directory for the run's records")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a workdir that holds a run of another config",
     )
 
     demo = sub.add_parser(
@@ -449,15 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:  # orbax logs its failures with tracebacks; they are reported in one line
         for noisy in ("absl", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     parser = build_parser()
     try:
-        if argv and argv[0] == "train":
-            return cmd_train(argv[1:])
         args, overrides = parser.parse_known_args(argv)
-        if args.command == "demo":
-            return cmd_demo(args, overrides)
-        if args.command == "study":
-            return cmd_study(args, overrides)
+        with_overrides = {"train": cmd_train, "demo": cmd_demo, "study": cmd_study}
+        if args.command in with_overrides:
+            return with_overrides[args.command](args, overrides)
         if overrides:
             parser.error(f"unrecognised arguments: {' '.join(overrides)}")
         return args.func(args)

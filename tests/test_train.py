@@ -64,6 +64,28 @@ def test_train_one_epoch_from_the_command_line(tmp_path):
     assert card["kind"] == "paper-b" and card["rate"] == 0.5
     assert (workdir / "checkpoints").is_dir()
     assert json.loads(result.stdout)["method"] == "selfcleanse"
+    # The run's own config.json, given as --config, is the same run: reported, not retrained.
+    replay = _cli("train", "--config", str(workdir / "config.json"), "--workdir", str(workdir))
+    assert replay.returncode == 0, replay.stderr
+    assert json.loads(replay.stdout)["reused"] is True
+
+
+def test_config_files_take_an_argument_and_overrides_name_known_keys(tmp_path):
+    from selfcleanse_jax import cli
+    from selfcleanse_jax.demo import demo_config
+
+    quick = cli.load_config_file(str(ROOT / "configs/phantom.py:quick"))
+    assert quick.to_dict() == demo_config(quick=True).to_dict()
+    assert cli.load_config_file(str(ROOT / "configs/phantom.py")).model.depth == 4
+    with pytest.raises(cli.UsageError, match="takes no argument"):
+        cli.load_config_file(str(ROOT / "configs/msd.py:quick"))
+    with pytest.raises(cli.UsageError, match="config.json: invalid JSON"):
+        (tmp_path / "config.json").write_text("{")
+        cli.load_config_file(str(tmp_path / "config.json"))
+    config = cli._apply_overrides(quick, ["--config.train.epochs=3", "--config.method=filter"])
+    assert (config.train.epochs, config.method) == (3, "filter")
+    with pytest.raises(cli.UsageError, match="--config.train.epoch: the config has no such key"):
+        cli._apply_overrides(quick, ["--config.train.epoch=3"])
 
 
 def test_command_line_errors_are_one_line(tmp_path):
