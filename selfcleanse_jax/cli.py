@@ -113,18 +113,38 @@ is refused unless --overwrite. SIGTERM or Ctrl-C finishes the step under way, sa
 checkpoint there and exits 0."""
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def train_config(args: argparse.Namespace, overrides: list[str]):
+    """The config that `selfcleanse train` ARGS asks for: its --config with the overrides."""
     if args.config is None:
         raise UsageError("--config is required, e.g. --config configs/phantom.py")
     if not args.workdir:
         raise UsageError("--workdir is required")
-    config = _apply_overrides(load_config_file(args.config), overrides)
+    return _apply_overrides(load_config_file(args.config), overrides)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = train_config(args, overrides)
     from selfcleanse_jax import distributed, train
 
     summary = train.run(config, args.workdir, overwrite=args.overwrite)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))
     return 0
+
+
+def _check_key(config, key: str) -> None:
+    """A UsageError naming `key` (dotted) when the config has no such key, with the nearest
+    existing one when there is a close match."""
+    import difflib
+
+    node, path = config, []
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            known = list(node.keys()) if hasattr(node, "keys") else []
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f" (did you mean --config.{'.'.join([*path, near[0]])}?)" if near else ""
+            raise UsageError(f"--config.{key}: the config has no such key{hint}")
+        node, path = node[part], [*path, part]
 
 
 def _apply_overrides(config, overrides: list[str]):
@@ -137,12 +157,7 @@ def _apply_overrides(config, overrides: list[str]):
         raise UsageError(f"unrecognised arguments: {' '.join(bad)}")
     overrides, noise_params = _split_noise_params(overrides)
     for override in overrides:
-        key = override.removeprefix("--config.").partition("=")[0]
-        node = config
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node:
-                raise UsageError(f"--config.{key}: the config has no such key")
-            node = node[part]
+        _check_key(config, override.removeprefix("--config.").partition("=")[0])
     flag_values = flags.FlagValues()
     argv = ["selfcleanse", *overrides]
     try:

@@ -96,13 +96,14 @@ def test_demo_command_line_overrides_are_typed_and_checked():
     assert config.train.epochs == 3 and config.noise.rate == 0.3
     with pytest.raises(cli.UsageError):
         cli._apply_overrides(demo.demo_config(quick=True), ["--epochs=3"])
-    with pytest.raises(cli.UsageError, match="Did you mean"):
+    with pytest.raises(cli.UsageError, match=r"did you mean --config\.train\?"):
         cli._apply_overrides(demo.demo_config(quick=True), ["--config.trian.epochs=3"])
 
 
 def test_noise_parameters_pass_through_the_command_line():
-    config, _, _ = cli._parse_train(
+    args, overrides = cli.build_parser().parse_known_args(
         [
+            "train",
             "--config",
             str(Path(__file__).parents[1] / "configs/phantom.py"),
             "--workdir",
@@ -111,6 +112,7 @@ def test_noise_parameters_pass_through_the_command_line():
             "--config.noise.params.radius=(2, 4)",
         ]
     )
+    config = cli.train_config(args, overrides)
     assert config.noise.params.radius == (2, 4)
     config = cli._apply_overrides(
         demo.demo_config(quick=True), ["--config.noise.params.unit=component"]

@@ -102,8 +102,9 @@ def test_a_run_stopped_and_killed_at_random_moments_ends_exactly_as_an_uninterru
     and once at a random moment; then the rest: all equal to the reference bit for bit."""
     # The reference trains in this process, so its programs are compiled (and cached for the
     # processes below) where earlier tests have compiled the model's initialisation.
-    config, reference, _ = cli._parse_train(_command(tmp_path / "reference")[2:])
-    train.run(config, reference)
+    args, overrides = cli.build_parser().parse_known_args(_command(tmp_path / "reference")[1:])
+    config = cli.train_config(args, overrides)
+    train.run(config, args.workdir)
 
     workdir = tmp_path / "interrupted"
     logs = [tmp_path / f"attempt_{n}.log" for n in range(3)]

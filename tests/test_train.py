@@ -16,6 +16,7 @@ from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.inference import load_config
+from selfcleanse_jax.models.unet import UNetConfig
 from tiny import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -467,7 +468,7 @@ def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tm
     config = load_config(tmp_path)
     assert config.cleanse.kappa == 0.6 and config.model.depth == saved["model"]["depth"]
     assert config.model.weight_grad_parts == 1 and config.cleanse.lfm_loss == "ce"
-    assert train.model_config(config, 1, 4).weight_grad_parts == 1
+    assert UNetConfig.from_config(config.model, 1, 4).weight_grad_parts == 1
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):
