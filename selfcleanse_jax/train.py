@@ -121,15 +121,20 @@ class TargetBank:
             self.soft[...] = _one_hot(self.given, self.soft.shape[-1])
 
     def arrays(self, table: SliceTable) -> dict[str, np.ndarray]:
-        """Per-sample training inputs by name (views, so later bank updates show through)."""
-        arrays = {"image": table.images, "target": self.targets, "weight": self.weights}
+        """Per-sample training inputs by name (views, so later bank updates show through),
+        with the samples' stable ids."""
+        arrays = {
+            "image": table.images,
+            "target": self.targets,
+            "weight": self.weights,
+            "idx": table.idx,
+        }
         if self.soft is not None:
             arrays["soft_target"] = self.soft
         return arrays
 
-    def batch(self, table: SliceTable, idx: np.ndarray) -> dict[str, np.ndarray]:
-        batch = {name: array[idx] for name, array in self.arrays(table).items()}
-        return {**batch, "idx": idx.astype(np.int32)}
+    def batch(self, table: SliceTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[rows] for name, array in self.arrays(table).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +256,7 @@ def run_noise(config: ml_collections.ConfigDict, dataset: Dataset) -> NoiseReali
         config.noise.seed,
         dataset.num_classes,
         params=config.noise.params.to_dict(),
+        ids=dataset.train.idx,
         class_names=dataset.class_names,
     )
 
@@ -545,13 +551,14 @@ class Trainer:
         seen, losses = [], []
         unchecked = None  # the last step's finite flag, read once the next step is queued
         for batch in batches:
-            batch["dice_weight"] = np.full(len(batch["idx"]), dice_weight, np.float32)
+            rows = batch.pop("row")
+            batch["dice_weight"] = np.full(len(rows), dice_weight, np.float32)
             global_step = epoch * self.steps_per_epoch + step
             step_key = jax.random.fold_in(key, global_step)
             self.state, loss, finite = self.steps.train(self.state, batch, step_key)
             step += 1
             self.data_state = {"epoch": epoch, "step": step, "iterator": batches.get_state()}
-            seen.append(batch["idx"])
+            seen.append(rows)
             losses.append(loss)
             if unchecked is not None:
                 self.count_nonfinite(*unchecked)

@@ -42,6 +42,44 @@ def test_select_cases_renumbers_and_keeps_slices():
     assert picked.case_names == [table.case_names[2], table.case_names[0]]
     np.testing.assert_array_equal(picked.images[picked.case_index == 0], table.images[8:12])
     assert len(picked) == 8
+    np.testing.assert_array_equal(picked.idx, [0, 1, 2, 3, 8, 9, 10, 11])  # ids kept
+
+
+@pytest.mark.parametrize("hold_out", ["data.test_fraction", "data.folds"])
+def test_a_slice_keeps_its_id_and_its_noise_whatever_is_held_out(tmp_path, hold_out):
+    """The same slice (case, z) has the same id and noise record under two splits."""
+    from selfcleanse_jax.train import run_noise
+
+    root = phantom.write_phantom_dataset(
+        tmp_path / "data", num_train=6, num_test=0, seed=0, image_size=32, num_slices=3
+    )
+    settings = {"data.test_fraction": [0.2, 0.5], "data.folds": [2, 3]}[hold_out]
+    seen = []
+    for value in settings:
+        config = tiny_config(
+            **{
+                "data.root": str(root),
+                "data.cache_dir": str(tmp_path / "cache"),
+                "noise.kind": "boundary",
+                hold_out: value,
+            }
+        )
+        dataset = load_dataset(config)
+        train = dataset.train
+        records = run_noise(config, dataset).records
+        seen.append(
+            {
+                (train.case_names[c], int(z)): (int(i), record)
+                for c, z, i, record in zip(
+                    train.case_index, train.z, train.idx, records, strict=True
+                )
+            }
+        )
+    shared = seen[0].keys() & seen[1].keys()
+    assert shared and seen[0].keys() != seen[1].keys()
+    assert any(seen[0][key][1]["noisy"] for key in shared)
+    for key in shared:
+        assert seen[0][key] == seen[1][key]
 
 
 def test_acdc_patients_stay_whole_across_test_and_validation(tmp_path):

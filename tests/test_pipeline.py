@@ -1,4 +1,4 @@
-"""The grain input pipeline: idx travels with its sample, seeded order, per-process shards,
+"""The grain input pipeline: the row travels with its sample, seeded order, per-process shards,
 iterator state that survives a checkpoint, and bank updates reaching the next epoch."""
 
 import json
@@ -13,7 +13,7 @@ N = 37
 
 
 def _arrays(n: int = N) -> dict[str, np.ndarray]:
-    """Arrays whose row i says i, so a batch shows whether its data match its idx."""
+    """Arrays whose row i says i, so a batch shows whether its data match its row."""
     rows = np.arange(n)
     return {
         "image": np.broadcast_to(rows[:, None, None, None], (n, 4, 4, 1)).astype(np.float32),
@@ -22,8 +22,8 @@ def _arrays(n: int = N) -> dict[str, np.ndarray]:
     }
 
 
-def _idx(dataset, workers: int = 0) -> list[list[int]]:
-    return [batch["idx"].tolist() for batch in pipeline.epoch_iterator(dataset, workers)]
+def _rows(dataset, workers: int = 0) -> list[list[int]]:
+    return [batch["row"].tolist() for batch in pipeline.epoch_iterator(dataset, workers)]
 
 
 def _epoch(arrays=None, batch_size=4, seed=0, epoch=0, process_index=0, process_count=1):
@@ -31,8 +31,8 @@ def _epoch(arrays=None, batch_size=4, seed=0, epoch=0, process_index=0, process_
     return pipeline.epoch_dataset(source, batch_size, seed, epoch, process_index, process_count)
 
 
-def test_each_idx_at_most_once_per_epoch_and_batches_are_full():
-    batches = _idx(_epoch(batch_size=4))
+def test_each_row_at_most_once_per_epoch_and_batches_are_full():
+    batches = _rows(_epoch(batch_size=4))
     assert len(batches) == N // 4
     assert all(len(batch) == 4 for batch in batches)
     flat = np.concatenate(batches)
@@ -40,31 +40,31 @@ def test_each_idx_at_most_once_per_epoch_and_batches_are_full():
     assert flat.min() >= 0 and flat.max() < N
 
 
-def test_samples_carry_their_idx():
+def test_samples_carry_their_row():
     arrays = _arrays()
     for batch in pipeline.epoch_iterator(_epoch(arrays, seed=3, epoch=2)):
-        idx = batch["idx"]
-        assert idx.dtype == np.int32
-        np.testing.assert_array_equal(batch["image"], arrays["image"][idx])
-        np.testing.assert_array_equal(batch["target"], arrays["target"][idx])
-        np.testing.assert_array_equal(batch["weight"], arrays["weight"][idx])
+        rows = batch["row"]
+        assert rows.dtype == np.int32
+        np.testing.assert_array_equal(batch["image"], arrays["image"][rows])
+        np.testing.assert_array_equal(batch["target"], arrays["target"][rows])
+        np.testing.assert_array_equal(batch["weight"], arrays["weight"][rows])
 
 
 def test_order_depends_on_seed_and_epoch_only():
-    first = _idx(_epoch(seed=1, epoch=4))
-    assert _idx(_epoch(seed=1, epoch=4)) == first
-    assert _idx(_epoch(seed=1, epoch=5)) != first
-    assert _idx(_epoch(seed=2, epoch=4)) != first
+    first = _rows(_epoch(seed=1, epoch=4))
+    assert _rows(_epoch(seed=1, epoch=4)) == first
+    assert _rows(_epoch(seed=1, epoch=5)) != first
+    assert _rows(_epoch(seed=2, epoch=4)) != first
     assert np.concatenate(first).tolist() != list(range(len(np.concatenate(first))))
 
 
 @pytest.mark.parametrize(("process_count", "batch_size"), [(2, 3), (3, 3), (4, 2)])
 def test_process_shards_are_disjoint_and_cover_each_global_batch(process_count, batch_size):
     shards = [
-        _idx(_epoch(batch_size=batch_size, seed=7, process_index=p, process_count=process_count))
+        _rows(_epoch(batch_size=batch_size, seed=7, process_index=p, process_count=process_count))
         for p in range(process_count)
     ]
-    global_batches = _idx(_epoch(batch_size=batch_size * process_count, seed=7))
+    global_batches = _rows(_epoch(batch_size=batch_size * process_count, seed=7))
     assert len(global_batches) == N // (batch_size * process_count)
     for shard in shards:
         assert len(shard) == len(global_batches)
@@ -88,14 +88,14 @@ def test_source_refuses_arrays_of_different_lengths():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restored_iterator_yields_exactly_the_remaining_batches(workers):
     dataset = _epoch(seed=5, epoch=1)
-    everything = _idx(dataset)
+    everything = _rows(dataset)
     iterator = pipeline.epoch_iterator(dataset, workers)
     for _ in range(3):
         next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))
-    rest = [batch["idx"].tolist() for batch in iterator]
+    rest = [batch["row"].tolist() for batch in iterator]
     restored = pipeline.epoch_iterator(dataset, workers, state)
-    assert [batch["idx"].tolist() for batch in restored] == rest == everything[3:]
+    assert [batch["row"].tolist() for batch in restored] == rest == everything[3:]
 
 
 def test_threaded_workers_give_the_same_batches_as_in_process():
@@ -137,4 +137,4 @@ def test_iterator_state_survives_a_checkpoint(tmp_path):
     checkpointer.close()
     assert restored == data and missing is None and meta == {"epoch": 1}
     resumed = pipeline.epoch_iterator(dataset, 0, restored["iterator"])
-    assert [batch["idx"].tolist() for batch in resumed] == _idx(dataset)[1:]
+    assert [batch["row"].tolist() for batch in resumed] == _rows(dataset)[1:]

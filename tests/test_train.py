@@ -343,7 +343,7 @@ def test_train_epoch_continues_a_saved_iterator_state_mid_epoch(tmp_path, tiny_d
     batches = list(trainer.epoch_dataset(1))
     trainer.data_state = {"epoch": 1, "step": 1, "iterator": {"next_index": 1}}
     losses = trainer.train_epoch(1)
-    assert np.flatnonzero(np.isfinite(losses)).tolist() == sorted(batches[1]["idx"].tolist())
+    assert np.flatnonzero(np.isfinite(losses)).tolist() == sorted(batches[1]["row"].tolist())
     assert int(trainer.steps.get_state(trainer.state).step) == 1
     assert trainer.data_state == {"epoch": 1, "step": 2, "iterator": {"next_index": 2}}
     assert np.isfinite(trainer.train_epoch(1)).all()
@@ -354,8 +354,9 @@ def test_epoch_batches_read_the_bank_as_updated_between_epochs(tmp_path, tiny_da
     trainer = train.Trainer(config, tmp_path, tiny_dataset)
     first = list(trainer.epoch_dataset(0))
     for batch in first:
-        np.testing.assert_array_equal(batch["target"], trainer.bank.given[batch["idx"]])
-        np.testing.assert_array_equal(batch["image"], tiny_dataset.train.images[batch["idx"]])
+        np.testing.assert_array_equal(batch["target"], trainer.bank.given[batch["row"]])
+        np.testing.assert_array_equal(batch["image"], tiny_dataset.train.images[batch["row"]])
+        np.testing.assert_array_equal(batch["idx"], tiny_dataset.train.idx[batch["row"]])
     trainer.bank.targets[...] = 1
     trainer.bank.weights[...] = 0.25
     trainer.bank.soft[...] = 0.5

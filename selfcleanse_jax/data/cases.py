@@ -25,8 +25,10 @@ class Case:
 class SliceTable:
     """2D training samples cut from cases along the last axis.
 
-    `idx[i] == i` is the sample's stable id, given here at the source and carried through
-    shuffling, batching, noise and cleansing.
+    `idx` is each sample's stable id: its row in the table of all the cases it was cut from
+    (cases in order, then z), kept when `select_cases` takes some of them, so a held-out
+    share, a fold or another test fraction renumbers no slice. The noise, augmentation and
+    per-slice records of a slice depend on its id, never on its row in a split.
     """
 
     images: np.ndarray  # (N, H, W, C) float32
@@ -35,10 +37,11 @@ class SliceTable:
     z: np.ndarray  # (N,) int32, slice position in its case
     case_names: list[str]
     spacing: np.ndarray  # (N, 3) float32, voxel spacing of the (resized) slice in mm
+    idx: np.ndarray | None = None  # (N,) int32 stable ids; None: the rows, 0..N-1
 
-    @property
-    def idx(self) -> np.ndarray:
-        return np.arange(len(self), dtype=np.int32)
+    def __post_init__(self):
+        if self.idx is None:
+            self.idx = np.arange(len(self), dtype=np.int32)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -88,7 +88,8 @@ def kfold_cases(
 
 
 def select_cases(table: SliceTable, cases: Sequence[int]) -> SliceTable:
-    """The slices of the given cases (indices into `table.case_names`), renumbered in order."""
+    """The slices of the given cases (indices into `table.case_names`), their cases renumbered
+    in order; the slices keep their ids (`idx`)."""
     cases = list(cases)
     position = np.full(len(table.case_names), -1, np.int32)
     position[cases] = np.arange(len(cases), dtype=np.int32)
@@ -100,6 +101,7 @@ def select_cases(table: SliceTable, cases: Sequence[int]) -> SliceTable:
         z=table.z[rows],
         case_names=[table.case_names[c] for c in cases],
         spacing=table.spacing[rows],
+        idx=table.idx[rows],
     )
 
 

@@ -1,7 +1,8 @@
-"""The training input pipeline on grain: samples keyed by idx -> shuffle -> shard -> batch.
+"""The training input pipeline on grain: samples keyed by row -> shuffle -> shard -> batch.
 
-The source attaches each sample's stable `idx` before anything reorders it, so the idx
-travels with the image and target through shuffling, sharding and batching. One dataset is
+The source attaches each sample's `row` before anything reorders it, so the row (where the
+loop writes the sample's loss back) travels with the image, target and stable `idx` through
+shuffling, sharding and batching. One dataset is
 built per epoch, shuffled by (seed, epoch): a resumed run sees the same order, and the
 source reads whatever its arrays hold when a batch is read, so the target bank's updates
 between epochs (made in place) reach the next epoch's batches.
@@ -22,7 +23,7 @@ import numpy as np
 
 
 class ArraySource:
-    """Random-access samples: sample i is row i of every array, plus `idx` = i.
+    """Random-access samples: sample i is row i of every array, plus `row` = i.
 
     The arrays are read, not copied, so in-place updates are seen by later reads.
     """
@@ -31,17 +32,17 @@ class ArraySource:
         lengths = {name: len(array) for name, array in arrays.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"arrays must have the same length, got {lengths}")
-        if "idx" in arrays:
-            raise ValueError("'idx' is attached by the source; do not pass it as an array")
+        if "row" in arrays:
+            raise ValueError("'row' is attached by the source; do not pass it as an array")
         self.arrays = dict(arrays)
         self._length = next(iter(lengths.values()))
 
     def __len__(self) -> int:
         return self._length
 
-    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-        sample = {name: array[idx] for name, array in self.arrays.items()}
-        sample["idx"] = np.int32(idx)
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        sample = {name: array[row] for name, array in self.arrays.items()}
+        sample["row"] = np.int32(row)
         return sample
 
 
