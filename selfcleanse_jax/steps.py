@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax import distributed
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
-from selfcleanse_jax.cleansing.lcm import cleanse_batch
+from selfcleanse_jax.cleansing.lcm import LCMSettings, cleanse_batch
 from selfcleanse_jax.losses import (
     LFM_LOSSES,
     boundary_disagreement,
@@ -69,12 +69,7 @@ class StepConfig:
     dice_weight: float = 1.0
     soft_targets: bool = False
     augment: AugmentConfig = AugmentConfig()
-    kappa: float = 0.8
-    fallback: str = "given"
-    band: int = 2  # pixels; the LCM's `fallback="band"` ignores unsure pixels this near outlines
-    edge_ignore: int = 0  # pixels; > 0: the LCM ignores every pixel this near an outline
-    temperature: float | None = None
-    morph_radius: int = 0
+    lcm: LCMSettings = LCMSettings()
     flip_average: bool = False
     teacher_decay: float = 0.0  # > 0: an EMA teacher gives the LFM losses and LCM probabilities
     lfm_dice_weight: float | None = None  # Dice weight of the eval (LFM) loss; None: dice_weight
@@ -216,17 +211,7 @@ def cleanse_step(
     """
     model = _model(state, graphdef, teacher=True)
     probs = class_probabilities(model, batch["image"], config.flip_average)
-    hard, soft = cleanse_batch(
-        probs,
-        batch["target"],
-        batch["clean_prob"],
-        kappa=config.kappa,
-        fallback=config.fallback,
-        temperature=config.temperature,
-        morph_radius=config.morph_radius,
-        band=config.band,
-        edge_ignore=config.edge_ignore,
-    )
+    hard, soft = cleanse_batch(probs, batch["target"], batch["clean_prob"], config.lcm)
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 
 

@@ -29,7 +29,7 @@ from selfcleanse_jax import atomic, board, distributed, metrics, settings
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
-from selfcleanse_jax.cleansing.lcm import unlearnt_structures
+from selfcleanse_jax.cleansing.lcm import LCMSettings, unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
 from selfcleanse_jax.config import warmup_epochs, with_defaults
 from selfcleanse_jax.data import pipeline
@@ -198,12 +198,14 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
         dice_weight=config.train.dice_weight,
         soft_targets=c.soft_targets,
         augment=AugmentConfig(**config.augment.to_dict()),
-        kappa=c.kappa,
-        fallback=c.fallback,
-        band=c.band,
-        edge_ignore=c.edge_ignore,
-        temperature=c.temperature if c.soft_targets else None,
-        morph_radius=c.morph_radius,
+        lcm=LCMSettings(
+            kappa=c.kappa,
+            fallback=c.fallback,
+            band=c.band,
+            edge_ignore=c.edge_ignore,
+            temperature=c.temperature if c.soft_targets else None,
+            morph_radius=c.morph_radius,
+        ),
         flip_average=c.flip_average,
         teacher_decay=c.teacher_decay,
         lfm_dice_weight=None if c.lfm_dice_weight < 0 else c.lfm_dice_weight,

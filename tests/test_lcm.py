@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfcleanse_jax.cleansing.lcm import cleanse_batch, cleanse_one, make_cleanser
+from selfcleanse_jax.cleansing.lcm import LCMSettings, cleanse_batch, cleanse_one
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
 H = W = 16
@@ -46,7 +46,7 @@ def test_restores_deleted_structure_when_model_confident(case):
 @pytest.mark.parametrize("fallback", ["given", "ignore"])
 def test_low_confidence_falls_back(case, fallback):
     probs = confident_probs(case["clean"], conf=0.5)  # max q = 0.5 < kappa off the given label
-    hard, _ = cleanse_one(probs, case["given"], 0.0, kappa=0.8, fallback=fallback)
+    hard, _ = cleanse_one(probs, case["given"], 0.0, LCMSettings(kappa=0.8, fallback=fallback))
     expected = case["given"] if fallback == "given" else np.full((H, W), IGNORE_INDEX)
     np.testing.assert_array_equal(hard, expected)
 
@@ -55,17 +55,17 @@ def test_ignored_given_pixels_carry_no_label(case):
     given = case["given"].copy()
     given[0, :] = IGNORE_INDEX
     probs = confident_probs(case["clean"])
-    hard, soft = cleanse_one(probs, given, 0.5, kappa=0.45)  # q = 0.5 * p there: 0.475
+    hard, soft = cleanse_one(probs, given, 0.5, LCMSettings(kappa=0.45))  # q = 0.5 * p there: 0.475
     np.testing.assert_array_equal(hard[0], case["clean"][0])
     np.testing.assert_allclose(soft[0], probs[0], atol=1e-6)
-    hard, _ = cleanse_one(probs, given, 0.5, kappa=0.8)
+    hard, _ = cleanse_one(probs, given, 0.5, LCMSettings(kappa=0.8))
     np.testing.assert_array_equal(hard[0], IGNORE_INDEX)
 
 
 def test_soft_targets_sum_to_one_and_temperature_sharpens(case):
     probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (H, W, K)), axis=-1)
     _, soft = cleanse_one(probs, case["given"], 0.3)
-    _, sharp = cleanse_one(probs, case["given"], 0.3, temperature=0.5)
+    _, sharp = cleanse_one(probs, case["given"], 0.3, LCMSettings(temperature=0.5))
     for s in (soft, sharp):
         assert s.dtype == jnp.float32
         np.testing.assert_allclose(jnp.sum(s, axis=-1), 1.0, atol=1e-5)
@@ -85,11 +85,11 @@ def test_vmap_equals_per_sample_loop(case):
     given[2, :3, :3] = IGNORE_INDEX
     w = jnp.array([0.1, 0.6, 0.9])
     options = dict(kappa=0.6, fallback="ignore", temperature=0.7, morph_radius=1)
-    hard, soft = make_cleanser(**options)(probs, given, w)
+    hard, soft = cleanse_batch(probs, given, w, LCMSettings(**options))
     assert hard.shape == (b, H, W) and hard.dtype == jnp.int32
     assert soft.shape == (b, H, W, K)
     for i in range(b):
-        h_i, s_i = cleanse_one(probs[i], given[i], w[i], **options)
+        h_i, s_i = cleanse_one(probs[i], given[i], w[i], LCMSettings(**options))
         np.testing.assert_array_equal(hard[i], h_i)
         np.testing.assert_allclose(soft[i], s_i, atol=1e-6)
 
@@ -103,13 +103,13 @@ def test_morphology_removes_isolated_pixel_and_fills_holes():
     probs = confident_probs(label)
     raw, _ = cleanse_one(probs, label, 0.0)
     np.testing.assert_array_equal(raw, label)
-    cleaned, _ = cleanse_one(probs, label, 0.0, morph_radius=1)
+    cleaned, _ = cleanse_one(probs, label, 0.0, LCMSettings(morph_radius=1))
     np.testing.assert_array_equal(cleaned, square)
     ring = np.zeros((H, W), np.int32)
     ring[3:12, 3:12] = 2
     ring[5:10, 5:10] = 0
     ring[7, 7] = 1  # a nested structure keeps its label
-    filled, _ = cleanse_one(confident_probs(ring), ring, 0.0, fill_holes=True)
+    filled, _ = cleanse_one(confident_probs(ring), ring, 0.0, LCMSettings(fill_holes=True))
     expected = ring.copy()
     expected[5:10, 5:10] = 2
     expected[7, 7] = 1
@@ -119,9 +119,9 @@ def test_morphology_removes_isolated_pixel_and_fills_holes():
 def test_bad_options_raise():
     probs, given = jnp.full((2, 2, 2), 0.5), jnp.zeros((2, 2), jnp.int32)
     with pytest.raises(ValueError, match="fallback"):
-        make_cleanser(fallback="drop")
+        LCMSettings(fallback="drop")
     with pytest.raises(ValueError, match="temperature"):
-        cleanse_batch(probs[None], given[None], jnp.zeros(1), temperature=0.0)
+        cleanse_batch(probs[None], given[None], jnp.zeros(1), LCMSettings(temperature=0.0))
 
 
 def test_a_drawn_structure_the_model_misses_is_unlearnt(case):
@@ -149,7 +149,9 @@ def test_disputed_fallback_ignores_only_unsure_pixels_the_model_disputes():
     for x, choice in enumerate([1, 0, 0, 1]):
         probs[0, x] = 0.15
         probs[0, x, choice] = 0.55
-    hard, _ = cleanse_one(jnp.asarray(probs), given, 0.0, kappa=0.8, fallback="disputed")
+    hard, _ = cleanse_one(
+        jnp.asarray(probs), given, 0.0, LCMSettings(kappa=0.8, fallback="disputed")
+    )
     np.testing.assert_array_equal(np.asarray(hard), [[1, IGNORE_INDEX, 0, IGNORE_INDEX]])
 
 
@@ -157,7 +159,7 @@ def test_band_fallback_ignores_unsure_pixels_near_the_drawn_outline_only():
     given = np.zeros((H, W), np.int32)
     given[4:12, 4:12] = 1
     unsure = confident_probs(given, conf=0.5)
-    hard, _ = cleanse_one(unsure, given, 0.0, kappa=0.8, fallback="band", band=1)
+    hard, _ = cleanse_one(unsure, given, 0.0, LCMSettings(kappa=0.8, fallback="band", band=1))
     # Another label within one pixel (a 3x3 window): the square's outermost ring and the
     # ring around it.
     near = np.zeros((H, W), bool)
@@ -166,10 +168,10 @@ def test_band_fallback_ignores_unsure_pixels_near_the_drawn_outline_only():
     np.testing.assert_array_equal(np.asarray(hard), np.where(near, IGNORE_INDEX, given))
     # Confident pixels take the pseudo-label wherever they are.
     sure = confident_probs(np.zeros((H, W), np.int32))
-    hard, _ = cleanse_one(sure, given, 0.0, kappa=0.8, fallback="band", band=1)
+    hard, _ = cleanse_one(sure, given, 0.0, LCMSettings(kappa=0.8, fallback="band", band=1))
     np.testing.assert_array_equal(np.asarray(hard), 0)
     with pytest.raises(ValueError, match="band"):
-        make_cleanser(fallback="band", band=0)
+        LCMSettings(fallback="band", band=0)
 
 
 def test_edge_ignore_leaves_only_the_cores_of_the_given_and_cleansed_labels():
@@ -177,7 +179,9 @@ def test_edge_ignore_leaves_only_the_cores_of_the_given_and_cleansed_labels():
     given[3:13, 3:13] = 1  # drawn too wide
     predicted = np.zeros((H, W), np.int32)
     predicted[5:11, 5:11] = 1
-    hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, kappa=0.8, edge_ignore=1)
+    hard, _ = cleanse_one(
+        confident_probs(predicted), given, 0.0, LCMSettings(kappa=0.8, edge_ignore=1)
+    )
     near_given = np.zeros((H, W), bool)
     near_given[2:14, 2:14] = True
     near_given[4:12, 4:12] = False
@@ -187,5 +191,5 @@ def test_edge_ignore_leaves_only_the_cores_of_the_given_and_cleansed_labels():
     expected = np.where(near_given | near_predicted, IGNORE_INDEX, predicted)
     np.testing.assert_array_equal(np.asarray(hard), expected)
     # Off, the confident prediction is the label everywhere.
-    hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, kappa=0.8)
+    hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, LCMSettings(kappa=0.8))
     np.testing.assert_array_equal(np.asarray(hard), predicted)

@@ -22,13 +22,14 @@ square (2r+1)^2 window, then optional filling of background holes) acts on the a
 before the confidence fallback. The soft target is q renormalised (p where y carries no label),
 optionally sharpened with a temperature T: q**(1/T) renormalised.
 
-Everything is jnp and jittable; `cleanse_batch` / `make_cleanser` vmap over a batch.
+Everything is jnp and jittable; `cleanse_batch` vmaps over a batch. `LCMSettings` holds the
+options, checked when made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +40,30 @@ from selfcleanse_jax.data.cases import IGNORE_INDEX
 FALLBACKS = ("given", "ignore", "disputed", "band")
 
 
-def _check_options(
-    kappa: float, fallback: str, temperature: float | None, morph_radius: int, band: int = 1
-) -> None:
-    if fallback not in FALLBACKS:
-        raise ValueError(f"unknown LCM fallback {fallback!r}; expected one of {FALLBACKS}")
-    if fallback == "band" and band < 1:
-        raise ValueError(f"LCM band must be >= 1 pixel with fallback 'band', got {band}")
-    if temperature is not None and not temperature > 0:
-        raise ValueError(f"LCM temperature must be > 0 or None, got {temperature}")
-    if morph_radius < 0:
-        raise ValueError(f"LCM morph_radius must be >= 0, got {morph_radius}")
-    if not 0.0 <= kappa <= 1.0:
-        raise ValueError(f"LCM kappa must be in [0, 1], got {kappa}")
+@dataclasses.dataclass(frozen=True)
+class LCMSettings:
+    """How the LCM makes a pseudo-label (module docstring); checked when made, hashable so
+    that jit treats it as static (a new value compiles anew)."""
+
+    kappa: float = 0.8  # the confidence max q from which the pseudo-label replaces the given
+    fallback: str = "given"  # what an unsure pixel keeps: one of FALLBACKS
+    band: int = 2  # pixels near a drawn outline that fallback "band" ignores
+    edge_ignore: int = 0  # > 0: pixels this near any outline are ignored however sure
+    temperature: float | None = None  # > 0: soft targets sharpened; None: left as q
+    morph_radius: int = 0  # > 0: opening then closing of the argmax map
+    fill_holes: bool = False  # background holes inside a structure filled
+
+    def __post_init__(self):
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"unknown LCM fallback {self.fallback!r}; expected one of {FALLBACKS}")
+        if self.fallback == "band" and self.band < 1:
+            raise ValueError(f"LCM band must be >= 1 pixel with fallback 'band', got {self.band}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"LCM temperature must be > 0 or None, got {self.temperature}")
+        if self.morph_radius < 0:
+            raise ValueError(f"LCM morph_radius must be >= 0, got {self.morph_radius}")
+        if not 0.0 <= self.kappa <= 1.0:
+            raise ValueError(f"LCM kappa must be in [0, 1], got {self.kappa}")
 
 
 def _pool(masks: jax.Array, radius: int, op: str) -> jax.Array:
@@ -125,22 +137,14 @@ def cleanse_one(
     probs: jax.Array,
     given: jax.Array,
     clean_prob: jax.Array | float,
-    *,
-    kappa: float = 0.8,
-    fallback: str = "given",
-    temperature: float | None = None,
-    morph_radius: int = 0,
-    fill_holes: bool = False,
-    band: int = 2,
-    edge_ignore: int = 0,
+    settings: LCMSettings = LCMSettings(),
 ) -> tuple[jax.Array, jax.Array]:
     """Pseudo-label of one sample: hard (H, W) int32 and soft (H, W, K) float32 targets.
 
     `probs` (H, W, K) is the model's softmax, `given` (H, W) the given integer label,
-    `clean_prob` the LFM's w for this sample (clipped to [0, 1]). Options are static; `band`
-    (pixels) is read by `fallback="band"` only.
+    `clean_prob` the LFM's w for this sample (clipped to [0, 1]).
     """
-    _check_options(kappa, fallback, temperature, morph_radius, band)
+    kappa, fallback, band = settings.kappa, settings.fallback, settings.band
     probs = jnp.asarray(probs, jnp.float32)
     num_classes = probs.shape[-1]
     given = jnp.asarray(given).astype(jnp.int32)
@@ -151,8 +155,8 @@ def cleanse_one(
     q = w * onehot + (1.0 - w) * probs
 
     pseudo = jnp.argmax(q, axis=-1).astype(jnp.int32)
-    if morph_radius > 0 or fill_holes:
-        pseudo = _morph_clean(pseudo, num_classes, morph_radius, fill_holes)
+    if settings.morph_radius > 0 or settings.fill_holes:
+        pseudo = _morph_clean(pseudo, num_classes, settings.morph_radius, settings.fill_holes)
     ignored = jnp.full_like(given, IGNORE_INDEX)
     if fallback == "given":
         otherwise = given
@@ -163,14 +167,14 @@ def cleanse_one(
     else:  # disputed: ignored only where the model's own choice differs from the given label
         otherwise = jnp.where(jnp.argmax(probs, axis=-1) == given, given, ignored)
     hard = jnp.where(jnp.max(q, axis=-1) >= kappa, pseudo, otherwise)
-    if edge_ignore > 0:
-        drawn = near_outline(onehot, edge_ignore)
-        cleansed = near_outline(jax.nn.one_hot(pseudo, num_classes), edge_ignore)
+    if settings.edge_ignore > 0:
+        drawn = near_outline(onehot, settings.edge_ignore)
+        cleansed = near_outline(jax.nn.one_hot(pseudo, num_classes), settings.edge_ignore)
         hard = jnp.where(drawn | cleansed, IGNORE_INDEX, hard)
 
     soft = jnp.where(labelled[..., None], q, probs)
-    if temperature is not None:
-        soft = _sharpen(soft, temperature)
+    if settings.temperature is not None:
+        soft = _sharpen(soft, settings.temperature)
     return hard, soft
 
 
@@ -193,68 +197,16 @@ def unlearnt_structures(
     return (area > 0) & (kept < fraction * area)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "kappa",
-        "fallback",
-        "temperature",
-        "morph_radius",
-        "fill_holes",
-        "band",
-        "edge_ignore",
-    ),
-)
+@functools.partial(jax.jit, static_argnames="settings")
 def cleanse_batch(
     probs: jax.Array,
     given: jax.Array,
     clean_prob: jax.Array,
-    *,
-    kappa: float = 0.8,
-    fallback: str = "given",
-    temperature: float | None = None,
-    morph_radius: int = 0,
-    fill_holes: bool = False,
-    band: int = 2,
-    edge_ignore: int = 0,
+    settings: LCMSettings = LCMSettings(),
 ) -> tuple[jax.Array, jax.Array]:
     """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,).
 
-    Returns hard (B, H, W) int32 and soft (B, H, W, K) float32; the options are static
-    (a new value compiles anew).
+    Returns hard (B, H, W) int32 and soft (B, H, W, K) float32.
     """
-    one = functools.partial(
-        cleanse_one,
-        kappa=kappa,
-        fallback=fallback,
-        temperature=temperature,
-        morph_radius=morph_radius,
-        fill_holes=fill_holes,
-        band=band,
-        edge_ignore=edge_ignore,
-    )
+    one = functools.partial(cleanse_one, settings=settings)
     return jax.vmap(one)(probs, given, clean_prob)
-
-
-def make_cleanser(
-    kappa: float = 0.8,
-    fallback: str = "given",
-    temperature: float | None = None,
-    morph_radius: int = 0,
-    fill_holes: bool = False,
-    band: int = 2,
-) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """Bind the options (checked now) and return `fn(probs, given, clean_prob) -> (hard, soft)`.
-
-    The result is the jitted, vmapped `cleanse_batch`; build it once from the config.
-    """
-    _check_options(kappa, fallback, temperature, morph_radius, band)
-    return functools.partial(
-        cleanse_batch,
-        kappa=kappa,
-        fallback=fallback,
-        temperature=temperature,
-        morph_radius=morph_radius,
-        fill_holes=fill_holes,
-        band=band,
-    )
