@@ -574,7 +574,7 @@ def mixed(
     return noisy, {"model": name, **drawn}
 
 
-def dice_per_class(noisy: np.ndarray, clean: np.ndarray) -> dict[int, float]:
+def present_class_dice(noisy: np.ndarray, clean: np.ndarray) -> dict[int, float]:
     """Dice of noisy vs clean for each foreground class present in either label."""
     classes = np.union1d(foreground_classes(noisy), foreground_classes(clean))
     scores = {}
@@ -706,7 +706,7 @@ def _corrupt_one(
     if changed == 0:
         record["uncorruptible"] = "corruption changed no pixel"
         return u, label, record
-    dice = dice_per_class(noisy, label)
+    dice = present_class_dice(noisy, label)
     record.update(
         noisy=True,
         area_clean=_foreground_area(label),

@@ -12,9 +12,9 @@ from selfcleanse_jax import noise
 from selfcleanse_jax.noise import (
     NOISE_MODELS,
     apply_noise,
-    dice_per_class,
     dilate_class,
     erode_class,
+    present_class_dice,
     scaled_radius_range,
 )
 
@@ -239,13 +239,13 @@ def test_noise_card_dice_matches_recomputation(tmp_path):
         assert summary["mean_dice_per_class"][c] == pytest.approx(np.mean(scores))
 
 
-def test_dice_per_class_closed_form():
+def test_present_class_dice_closed_form():
     clean = np.zeros((4, 4), np.uint8)
     noisy = np.zeros((4, 4), np.uint8)
     clean[:2, :] = 1  # 8 pixels
     noisy[:1, :] = 1  # 4 pixels, all inside -> 2*4/12
     noisy[3, 3] = 2  # only in noisy -> 0
-    assert dice_per_class(noisy, clean) == {1: pytest.approx(2 / 3), 2: 0.0}
+    assert present_class_dice(noisy, clean) == {1: pytest.approx(2 / 3), 2: 0.0}
 
 
 # --- markov, affine, edge, mixed and the presets ---------------------------------------------
@@ -392,7 +392,7 @@ def test_noise_card_dice_matches_recomputation_for_new_models(kind):
     for rec, noisy, clean in zip(card["records"], realisation.noisy_labels, labels, strict=True):
         assert rec["pixels_changed"] == np.sum(noisy != clean)
         if rec["noisy"]:
-            expected = dice_per_class(noisy, clean)
+            expected = present_class_dice(noisy, clean)
             assert rec["dice"] == {str(c): pytest.approx(d) for c, d in expected.items()}
             assert rec["dice_noisy_vs_clean"] == pytest.approx(np.mean(list(expected.values())))
 
