@@ -1,9 +1,10 @@
 """Files that a kill at any moment leaves whole or absent, never half-written.
 
 A file is written to a temporary sibling, flushed to disk and renamed over its name
-(`replacing`, `write_text`), or grows by whole lines, each flushed to disk before the call
-returns (`append_line`); `read_jsonl` reads such a file back, dropping a last line that a
-kill tore.
+(`replacing`, `write_text`; `replacing_path` for writers that take a file name), or grows by
+whole lines, each flushed to disk before the call returns (`append_line`); `read_jsonl` reads
+such a file back, dropping a last line that a kill tore. A folder is built in a hidden
+sibling (`staging_folder`) and moved into place only when whole.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -29,16 +32,16 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """A file opened for writing whose content replaces `path` when the block ends without
-    an error; on an error `path` is left as it was and the temporary file is removed."""
+def replacing_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write (its name ends as `path`'s does, so writers that
+    read the format from the suffix still can); it replaces `path`, flushed to disk, when the
+    block ends without an error, and is removed on an error, `path` left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{os.getpid()}.partial.{path.name}")
     try:
-        with open(partial, mode) as f:
-            yield f
-            f.flush()
+        yield partial
+        with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
     except OSError as error:  # a full disk, say: the message names the file it was writing
@@ -48,6 +51,28 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
         partial.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing whose content replaces `path` when the block ends without
+    an error (`replacing_path`)."""
+    with replacing_path(path) as partial, open(partial, mode) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def staging_folder(target: str | Path) -> Iterator[Path]:
+    """A new hidden sibling folder of `target`, readable like any folder, to build `target`
+    in; whatever the block leaves there is removed when it ends (move it into place first)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _naming(error: OSError, path: Path) -> OSError:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from selfcleanse_jax import noise
+from selfcleanse_jax import atomic, noise
 
 
 def _num_classes(description: dict, cases: list) -> int:
@@ -95,9 +94,7 @@ def corrupt_dataset(
         )
         start += len(volume)
 
-    output_root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_root.name}.", dir=output_root.parent))
-    try:
+    with atomic.staging_folder(output_root) as staging:
         shutil.copytree(input_root, staging, dirs_exist_ok=True, symlinks=False)
         staging.chmod(0o755)
         clean_dir = staging / "labelsTr_clean"
@@ -141,9 +138,6 @@ def corrupt_dataset(
         }
         (staging / "noise_card.json").write_text(json.dumps(text, indent=1) + "\n")
         os.replace(staging, output_root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_root
 
 

@@ -13,14 +13,13 @@ optimizer.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.data.msd import nifti_stem, read_nifti
 from selfcleanse_jax.data.preprocess import prepare_volume, restore_labels
 from selfcleanse_jax.inference import TrainedModel, load_trained
@@ -99,15 +98,8 @@ def save_labels(labels: np.ndarray, like: nib.spatialimages.SpatialImage, path: 
         out.set_sform(like.affine if sform is None else sform, code=int(scode or 0))
         if not qcode and not scode:
             out.set_sform(like.affine, code=2)
-    suffix = path.name[len(nifti_stem(path)) :]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        out.to_filename(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing_path(path) as partial:
+        out.to_filename(partial)
 
 
 def predict(
@@ -134,9 +126,7 @@ def predict(
     if len(set(targets)) < len(targets):
         raise ValueError(f"{input_path}: several inputs would give the same output name")
     model = load_trained(workdir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic.staging_folder(output_dir) as staging:
         for source, target in tqdm(
             list(zip(files, targets, strict=True)),
             desc="predict",
@@ -152,6 +142,4 @@ def predict(
         output_dir.mkdir(exist_ok=True)
         for target in targets:
             os.replace(staging / target.name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return targets

@@ -24,13 +24,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from selfcleanse_jax import atomic
 from selfcleanse_jax.data.cases import Case
 
 _SUFFIX = ".nii.gz"
@@ -82,10 +82,7 @@ def write_msd(
     names = [c.name for c in [*train_cases, *test_cases]]
     if len(set(names)) != len(names):
         raise ValueError(f"{root}: case names must be unique, got {names}")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the dataset should be readable like others
-    try:
+    with atomic.staging_folder(root) as staging:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (staging / sub).mkdir()
         training, test = [], []
@@ -118,9 +115,6 @@ def write_msd(
         if occupied:
             shutil.rmtree(root)
         os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return root
 
 
