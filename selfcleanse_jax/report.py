@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from selfcleanse_jax import atomic
 from selfcleanse_jax.config import METHODS
+from selfcleanse_jax.records import read_dynamics, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +32,8 @@ DETECTION_KEYS = ("auc", "precision", "recall")
 # ------------------------------------------------------------------------------- reading
 
 
-def read_metrics(workdir: Path) -> list[dict]:
-    """The per-epoch records of metrics.jsonl, one per epoch (a resumed run may repeat epochs
-    it trained again; the later record wins), sorted by epoch."""
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir}: no metrics.jsonl, not a training run's work directory")
-    lines, torn = atomic.read_jsonl(path)
-    if torn:
-        log.warning(torn)
-    by_epoch = {record["epoch"]: record for record in lines}
-    if not by_epoch:
-        raise ValueError(f"{path}: empty, no epoch was recorded")
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
-
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_dynamics(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
-    """Per-slice dynamics of every recorded epoch, by epoch."""
-    epochs = {}
-    for path in sorted((workdir / "dynamics").glob("epoch_*.npz")):
-        with np.load(path) as arrays:
-            epochs[int(path.stem.removeprefix("epoch_"))] = dict(arrays)
-    return epochs
-
-
-def read_rounds(workdir: Path) -> dict[int, dict[str, np.ndarray]]:
-    """Per-slice dynamics of the cleansing rounds (epochs whose file holds `lfm_input`)."""
-    return {e: arrays for e, arrays in read_dynamics(workdir).items() if "lfm_input" in arrays}
 
 
 def noise_truth(card: dict | None) -> dict[int, bool] | None:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from selfcleanse_jax import atomic, board, distributed, metrics, settings
+from selfcleanse_jax import atomic, board, distributed, metrics, records, settings
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
@@ -164,31 +164,6 @@ def compiled_steps(
     """Steps for these settings, shared by runs that differ only in method, seed or data,
     so that they compile once per process."""
     return Steps(model, optimizer.build(), steps, parallel)
-
-
-def keep_records_before(workdir: Path, epoch: int) -> None:
-    """Drop the records of `epoch` and later from the run folder (metrics.jsonl lines and
-    dynamics files), which a resumed run writes again: a run records an epoch before its
-    checkpoint, and may be killed in between. A torn last line of metrics.jsonl (a run
-    killed while writing it) is dropped too; both are said in the log."""
-    path = workdir / METRICS_FILE
-    if path.is_file():
-        lines, torn = atomic.read_jsonl(path)
-        if torn:
-            log.warning(torn)
-        kept = [line for line in lines if line["epoch"] < epoch]
-        if len(kept) < len(lines):
-            log.info(
-                "%s: dropped the records of epoch %d on (%d), which this run trains again",
-                path,
-                epoch,
-                len(lines) - len(kept),
-            )
-        if torn or len(kept) < len(lines):
-            atomic.write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
-    for dynamics in sorted((workdir / "dynamics").glob("epoch_*.npz")):
-        if int(dynamics.stem.removeprefix("epoch_")) >= epoch:
-            dynamics.unlink()
 
 
 def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
@@ -631,8 +606,7 @@ class Trainer:
                 flagged=self.bank.flagged,
                 prediction_given_dice=self.prediction_given_dice,
             )
-        with atomic.replacing(self.workdir / "dynamics" / f"epoch_{epoch:04d}.npz", "wb") as f:
-            np.savez_compressed(f, **arrays)
+        records.write_dynamics(self.workdir, epoch, arrays)
 
     def evaluate_test(self) -> dict:
         dice = volume_dice(
@@ -784,7 +758,7 @@ class Trainer:
         config = self.config
         first_epoch = self.resume(checkpointer) if checkpointer else 0
         if distributed.is_main():
-            keep_records_before(self.workdir, first_epoch)
+            records.keep_records_before(self.workdir, first_epoch)
             if config.train.get("tensorboard", False):
                 self.board = board.Board(self.workdir, first_epoch, self.noise.is_noisy)
         bar = tqdm(
@@ -803,7 +777,7 @@ class Trainer:
                 dice=f"{record.get('test_dice', float('nan')):.3f}",
             )
             if distributed.is_main():
-                atomic.append_line(self.workdir / METRICS_FILE, json.dumps(record))
+                records.append_epoch(self.workdir, record)
             if self.board:
                 self.board.epoch(record, self.epoch_losses)
             if checkpointer and self.epoch_end_save_due(epoch, checkpointer):
@@ -847,12 +821,12 @@ class Trainer:
                 checkpointer.close()
             if self.board:
                 self.board.close()
-        if not record and (self.workdir / METRICS_FILE).is_file():
+        if not record and (self.workdir / records.METRICS_FILE).is_file():
             # Every epoch was trained and saved before: the last epoch's record is the result.
-            record = atomic.read_jsonl(self.workdir / METRICS_FILE)[0][-1]
+            record = records.read_metrics(self.workdir)[-1]
         if "test_dice" not in record:
             record.update(self.evaluate_test())
-        summary = {
+        summary: records.Summary = {
             "method": config.method,
             "noise": config.noise.kind,
             "test_dice": record["test_dice"],
@@ -861,18 +835,12 @@ class Trainer:
             "seconds": time.perf_counter() - start,
         }
         if distributed.is_main():
-            atomic.write_text(self.workdir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+            records.write_summary(self.workdir, summary)
         return summary
 
 
-SUMMARY_FILE = "summary.json"
-"""Written last, atomically, when a run has trained all its epochs: the run's result."""
-
-METRICS_FILE = "metrics.jsonl"
-"""One JSON line per finished epoch, appended and fsynced before the epoch's checkpoint."""
-
-RECORDS = ("config.json", MODEL_FILE, "noise_card.json", METRICS_FILE, SUMMARY_FILE)
-RECORD_DIRS = (CHECKPOINTS, UNREADABLE, "dynamics", "report", "eval", board.DIRECTORY)
+RECORDS = ("config.json", MODEL_FILE, "noise_card.json", records.METRICS_FILE, records.SUMMARY_FILE)
+RECORD_DIRS = (CHECKPOINTS, UNREADABLE, records.DYNAMICS_DIR, "report", "eval", board.DIRECTORY)
 
 NON_RESULT_KEYS = frozenset(
     {
@@ -970,7 +938,7 @@ def prepare_workdir(
             log.info("%s: another config (%s), starting afresh", workdir, ", ".join(differing))
             _clear_run(workdir)
         return None
-    summary_path = workdir / SUMMARY_FILE
+    summary_path = workdir / records.SUMMARY_FILE
     if summary_path.is_file():
         log.info("%s: this run has finished; reporting it from its records", workdir)
         return {**json.loads(summary_path.read_text()), "reused": True}

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from selfcleanse_jax import train
+from selfcleanse_jax import records, train
 from selfcleanse_jax.data.loading import load_dataset
+from selfcleanse_jax.records import read_rounds
 from selfcleanse_jax.report import (
     gmm_input_quartiles,
     make_report,
     noise_truth,
     overlay_examples,
-    read_rounds,
 )
 from tiny import tiny_config
 
@@ -47,6 +47,23 @@ def selfcleanse_run(train_run):
 @pytest.fixture(scope="module")
 def report(selfcleanse_run):
     return make_report(selfcleanse_run)
+
+
+def test_a_runs_records_follow_the_schema(selfcleanse_run, tmp_path):
+    """Every file the loop writes has exactly the fields `records` declares."""
+    lines = records.read_metrics(selfcleanse_run)
+    assert all(set(line) <= set(records.EpochRecord.__annotations__) for line in lines)
+    assert {"epoch", "train_loss", "test_dice", "seconds"} <= set(lines[-1])
+    rounds = [line["cleanse"] for line in lines if "cleanse" in line]
+    assert rounds and all(set(r) == set(records.CleanseRecord.__annotations__) for r in rounds)
+    summary = json.loads((selfcleanse_run / records.SUMMARY_FILE).read_text())
+    assert set(summary) == set(records.Summary.__annotations__)
+    every_epoch = set(records.EPOCH_ARRAYS)
+    for epoch, arrays in records.read_dynamics(selfcleanse_run).items():
+        expected = every_epoch | set(records.ROUND_ARRAYS) if epoch in (1, 2) else every_epoch
+        assert set(arrays) == expected, epoch
+    with pytest.raises(ValueError, match="schema"):
+        records.write_dynamics(tmp_path, 0, {"idx": np.arange(2), "loss": np.zeros(2)})
 
 
 def _records(workdir):
