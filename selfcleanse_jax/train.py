@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from selfcleanse_jax import atomic, board, distributed, metrics, records, settings
 from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
+from selfcleanse_jax.cleansing.flags import FlagSettings, flag_round
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
 from selfcleanse_jax.cleansing.lcm import LCMSettings, unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
@@ -324,14 +325,13 @@ class Trainer:
         result = split_clean_noisy(
             np.mean(self.loss_history, axis=0),
             backend=c.gmm_backend,
-            tau=c.tau,
             reg_covar=c.reg_covar,
             normalise=c.lfm_normalise,
         )
         if c.get("lfm_oracle", False):
             # A diagnostic: the flags the LFM would give if it were never wrong.
             truth = np.where(self.noise.is_noisy, 0.0, 1.0).astype(np.float32)
-            result = dataclasses.replace(result, clean_prob=truth, noisy=truth < c.tau)
+            result = dataclasses.replace(result, clean_prob=truth)
         self.lfm_input = result.normalised
         # How closely the model reproduces each given label: memorisation, per slice.
         self.prediction_given_dice = metrics.slice_dice(
@@ -339,59 +339,30 @@ class Trainer:
         ).astype(np.float32)  # as a checkpoint keeps it, so a resumed run records the same
         if result.message:
             log.warning("epoch %d: %s", epoch, result.message)
-        split = separation(result.fit)
-        view = {
-            "separation": None if np.isnan(split) else split,
-            "status": "degenerate" if result.message else "ok",
-        }
         bank = self.bank
         bank.reset()
-        if c.sticky:
-            bank.clean_prob[...] = np.minimum(bank.clean_prob, result.clean_prob)
-        else:
-            bank.clean_prob[...] = result.clean_prob
-        bank.flagged[...] = bank.clean_prob < c.tau
-        if split < c.min_separation:
-            view["status"] = "unseparated"
-            bank.flagged[...] = False
-            log.warning(
-                "epoch %d: the LFM's mixture does not split the losses into two groups "
-                "(separation %.2f < cleanse.min_separation %.2f): no slice flagged",
-                epoch,
-                split,
-                c.min_separation,
-            )
-        unlearnt = unlearnt_structures(predictions, bank.given, self.num_classes, c.unlearnt_below)
-        hard = np.flatnonzero(unlearnt.any(axis=1))
-        view["unlearnt"] = {
-            name: int(n)
-            for name, n in zip(self.dataset.class_names[1:], unlearnt.sum(0), strict=True)
-        }
-        view["overruled"] = int(bank.flagged[hard].sum())
-        if len(hard):
-            # Drawn structures that the model misses: it has not learnt them, and the small-loss
-            # view says nothing of these slices (it is inverted where the model has unlearnt a
-            # structure that annotators leave out). They keep their labels, with their weight.
-            bank.flagged[hard] = False
-            bank.weights[hard] = c.unlearnt_weight
-            (log.warning if view["overruled"] else log.info)(
-                "epoch %d: the model misses drawn structures of %d slices (%s), %d of which the "
-                "LFM flagged: the small-loss view does not hold there; they keep their given "
-                "labels with weight %g",
-                epoch,
-                len(hard),
-                ", ".join(f"{k} in {n}" for k, n in view["unlearnt"].items() if n),
-                view["overruled"],
-                c.unlearnt_weight,
-            )
-        ramp = min(1.0, (epoch - self.cleansing_from + 1) / max(c.ramp_epochs, 1))
+        decided = flag_round(
+            result.clean_prob,
+            bank.clean_prob,
+            separation(result.fit),
+            degenerate=bool(result.message),
+            unlearnt=unlearnt_structures(
+                predictions, bank.given, self.num_classes, c.unlearnt_below
+            ),
+            class_names=self.dataset.class_names,
+            settings=FlagSettings.from_config(c),
+            filtering=self.config.method == "filter",
+            ramp=min(1.0, (epoch - self.cleansing_from + 1) / max(c.ramp_epochs, 1)),
+            epoch=epoch,
+        )
+        bank.clean_prob[...] = decided.clean_prob
+        bank.flagged[...] = decided.flagged
+        bank.weights[...] = decided.weights
+        view = decided.view
         flagged = np.flatnonzero(bank.flagged)
-        if self.config.method == "filter":
-            bank.weights[flagged] = 0.0
-        else:
-            bank.weights[flagged] = c.weight * ramp
-            for idx in _in_batches(len(flagged), self.config.train.eval_batch_size):
-                members = flagged[idx]
+        if self.config.method == "selfcleanse":
+            for rows in _in_batches(len(flagged), self.config.train.eval_batch_size):
+                members = flagged[rows]
                 hard_labels, soft = self.steps.cleanse(
                     self.state,
                     {
@@ -404,7 +375,6 @@ class Trainer:
                 bank.targets[members] = np.asarray(hard_labels)
                 if soft is not None:
                     bank.soft[members] = np.asarray(soft, np.float16)
-        view["flagged_share"] = len(flagged) / len(bank.flagged)
         distributed.check_same("target banks", bank.targets, bank.weights, bank.flagged)
         if self.board:
             labels = {"clean": train.labels, "given": bank.given, "target": bank.targets}

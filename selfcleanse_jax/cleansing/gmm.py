@@ -56,14 +56,13 @@ class GMMFit:
 
 @dataclasses.dataclass
 class FilterResult:
-    """LFM output for one round: clean probability, noisy flags, the fit and a log message.
+    """LFM output for one round: clean probability, the fit and a log message.
 
     The fit's means and variances are in min-max normalised loss units. `message` is empty
     unless the input was degenerate, in which case every sample is marked clean.
     """
 
     clean_prob: np.ndarray  # (N,) float32
-    noisy: np.ndarray  # (N,) bool, clean_prob < tau
     fit: GMMFit
     normalised: np.ndarray  # (N,) float32, the losses the mixture was fitted on; NaN if degenerate
     message: str = ""
@@ -362,7 +361,6 @@ def split_clean_noisy(
     losses: ArrayLike,
     *,
     backend: str = "jax",
-    tau: float = 0.5,
     reg_covar: float = 5e-4,
     max_iter: int = 100,
     tol: float = 1e-6,
@@ -373,8 +371,8 @@ def split_clean_noisy(
 
     Normalises the losses (`normalise_losses`), fits the two-component mixture with
     `backend` ("jax" or "sklearn"; `seed` is used by sklearn only), takes the clean
-    component's posterior made non-increasing above its mean (`monotone_above_clean_mean`)
-    and flags `clean_prob < tau` as noisy.
+    component's posterior made non-increasing above its mean (`monotone_above_clean_mean`);
+    `cleansing.flags` turns it into flags.
     Degenerate input marks every sample clean and explains why in `message`; an unknown
     backend or a non-1-D input raises ValueError.
     """
@@ -415,7 +413,6 @@ def split_clean_noisy(
         message = f"LFM ({backend}): {fit.reason}; all {x.size} samples marked clean"
     return FilterResult(
         clean_prob=clean_prob,
-        noisy=clean_prob < tau,
         fit=fit,
         normalised=normalised.astype(np.float32),
         message=message,
