@@ -71,17 +71,28 @@ def test_step_changes_parameters():
 def test_parallel_modes_give_the_same_update_with_either_norm(norm):
     """One step under pmap and shard_map over 4 devices equals the single-device step: its
     parameters, optimizer state and batch statistics (BatchNorm averages its batch
-    statistics over the whole global batch in every mode)."""
+    statistics over the whole global batch in every mode); so do the LFM's losses and
+    predictions and the LCM's pseudo-labels from the new state (6 rows, padded to 8)."""
+    batch = _batch()
+    rows = {"image": batch["image"][:6], "target": batch["target"][:6]}
+    clean_prob = np.linspace(0.0, 1.0, 6, dtype=np.float32)
     after = {}
     for mode in ("none", "pmap", "shard_map"):
         steps = _adam_steps(mode, norm)
-        state, losses, _ = steps.train(steps.init_state(0), _batch(), jax.random.key(1))
-        after[mode] = (steps.get_state(state), np.asarray(losses))
-    reference, reference_losses = after["none"]
+        state, losses, _ = steps.train(steps.init_state(0), batch, jax.random.key(1))
+        predictions, lfm_losses = steps.evaluate(state, rows, pad_to=8)
+        pseudo, _ = steps.cleanse(state, {**rows, "clean_prob": clean_prob}, pad_to=8)
+        outputs = [np.asarray(x) for x in (losses, lfm_losses, predictions, pseudo)]
+        after[mode] = (steps.get_state(state), outputs)
+    reference, (train_losses, lfm_losses, predictions, pseudo) = after["none"]
     assert jax.tree.leaves(reference.batch_stats) or norm != "batch"
     for mode in ("pmap", "shard_map"):
-        state, losses = after[mode]
-        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6, err_msg=mode)
+        state, outputs = after[mode]
+        expected = (train_losses, lfm_losses)
+        for name, a, b in zip(("train", "LFM"), outputs[:2], expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
+        for a, b in zip(outputs[2:], (predictions, pseudo), strict=True):
+            assert a.shape == b.shape == (6, 16, 16) and np.mean(a == b) > 0.999, mode
         for part in ("params", "opt_state", "batch_stats"):
             for a, b in zip(
                 jax.tree.leaves(getattr(state, part)),
