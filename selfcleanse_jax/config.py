@@ -129,10 +129,19 @@ def _merged(defaults: dict, saved: dict) -> dict:
     return merged
 
 
+LEGACY_VALUES = {"data": {"canonical": False, "slice_axis": "S"}}
+"""Keys whose default is not what runs from before the key trained with: those runs did not
+reorient their volumes. A saved config that lacks one of these reads back with this value."""
+
+
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:
-    """A run's saved config (its `config.json`) with every key it lacks at its default: the
-    value a run from before that key existed trained with."""
-    return ml_collections.ConfigDict(_merged(default_config().to_dict(), saved))
+    """A run's saved config (its `config.json`) with every key it lacks at the value a run
+    from before that key existed trained with: its default, or its `LEGACY_VALUES` entry."""
+    legacy = {
+        section: {key: value for key, value in keys.items() if key not in saved.get(section, {})}
+        for section, keys in LEGACY_VALUES.items()
+    }
+    return ml_collections.ConfigDict(_merged(_merged(default_config().to_dict(), legacy), saved))
 
 
 def warmup_epochs(config: ml_collections.ConfigDict) -> int:

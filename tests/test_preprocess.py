@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from selfcleanse_jax.config import default_config
+from selfcleanse_jax.config import default_config, with_defaults
 from selfcleanse_jax.data.cases import Case, SliceTable
 from selfcleanse_jax.data.preprocess import (
     PreprocessSettings,
@@ -211,10 +211,14 @@ def test_settings_from_config_and_validation():
         PreprocessSettings(32, target_spacing=-1.0)
     with pytest.raises(ValueError, match="image_size"):
         PreprocessSettings(0)
-    # An older run's config without the new keys: its own preprocessing, MRI.
-    del config.data["canonical"], config.data["target_spacing"], config.data["ct_window"]
-    old = PreprocessSettings.from_config(config, "mri")
-    assert not old.canonical and old.target_spacing == 0.0
+    # An older run's config.json without the new keys, read back as predict and evaluate
+    # read it: its own preprocessing (no reorientation), not today's defaults.
+    saved = default_config().to_dict()
+    for key in ("canonical", "target_spacing", "ct_window", "slice_axis"):
+        del saved["data"][key]
+    old = PreprocessSettings.from_config(with_defaults(saved), "mri")
+    assert not old.canonical and old.target_spacing == 0.0 and old.slice_axis == "S"
+    assert old.ct_window == (-200.0, 250.0)
 
 
 def _table(seed: int) -> SliceTable:

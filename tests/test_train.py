@@ -460,6 +460,11 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
     assert train.config_differences(saved, requested) == []
     requested["model"]["weight_grad_parts"] = 8
     assert train.config_differences(saved, requested) == ["model.weight_grad_parts"]
+    del saved["data"]["canonical"]  # a run from before volumes were reoriented
+    assert train.config_differences(saved, requested) == [
+        "data.canonical",
+        "model.weight_grad_parts",
+    ]
 
 
 def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tmp_path):

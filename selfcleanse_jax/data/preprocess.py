@@ -78,21 +78,20 @@ class PreprocessSettings:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, modality: str) -> PreprocessSettings:
-        """Settings from `config.data`; a non-empty `data.modality` overrides `modality` (what
-        the dataset says). Keys missing from an older run's config.json mean that run's own
-        preprocessing: no reorientation, slices resized to image_size."""
+        """Settings from `config.data` (an older run's config read back with `with_defaults`,
+        which gives keys it lacks that run's own values); a non-empty `data.modality`
+        overrides `modality` (what the dataset says)."""
         data = config.data
-        chosen = str(data.get("modality", "") or modality).strip().lower()
+        chosen = str(data.modality or modality).strip().lower()
         if not chosen:
             raise ValueError("no modality: set data.modality to one of mri, ct")
-        window = data.get("ct_window", cls.ct_window)
         return cls(
             image_size=int(data.image_size),
             modality=chosen,
-            ct_window=(float(window[0]), float(window[1])),
-            canonical=bool(data.get("canonical", False)),
-            target_spacing=float(data.get("target_spacing", 0.0)),
-            slice_axis=str(data.get("slice_axis", "S")),
+            ct_window=(float(data.ct_window[0]), float(data.ct_window[1])),
+            canonical=bool(data.canonical),
+            target_spacing=float(data.target_spacing),
+            slice_axis=str(data.slice_axis),
         )
 
 
