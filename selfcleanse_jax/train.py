@@ -252,7 +252,7 @@ class Trainer:
         self.num_classes = self.dataset.num_classes
         train = self.dataset.train
         self.noise = run_noise(config, self.dataset)
-        if config.cleanse.get("lfm_oracle", False) and config.noise.kind == "none":
+        if config.cleanse.lfm_oracle and config.noise.kind == "none":
             raise ValueError("cleanse.lfm_oracle needs simulated noise (noise.kind is none)")
         if config.method == "oracle" and config.noise.kind == "none":
             log.info("oracle with noise.kind=none trains on the given labels")
@@ -297,7 +297,7 @@ class Trainer:
             )
         self.state = self.steps.init_state(config.seed)
         self.warmup = warmup_epochs(config)
-        self.adaptive = bool(config.cleanse.get("adaptive_warmup", False))
+        self.adaptive = bool(config.cleanse.adaptive_warmup)
         # The first epoch with a cleansing round; with an adaptive warm-up, decided on the way.
         self.cleansing_from: int | None = None if self.adaptive else self.warmup
         self.train_dice_history: list[list[float]] = []  # per warm-up epoch, per class
@@ -328,7 +328,7 @@ class Trainer:
             reg_covar=c.reg_covar,
             normalise=c.lfm_normalise,
         )
-        if c.get("lfm_oracle", False):
+        if c.lfm_oracle:
             # A diagnostic: the flags the LFM would give if it were never wrong.
             truth = np.where(self.noise.is_noisy, 0.0, 1.0).astype(np.float32)
             result = dataclasses.replace(result, clean_prob=truth)
@@ -467,7 +467,7 @@ class Trainer:
         during a cleansing method's warm-up when set (>= 0), else `train.dice_weight`."""
         cleanses = self.config.method in ("filter", "selfcleanse")
         during_warmup = cleanses and not self.cleansing_begun(epoch)
-        warmup_weight = self.config.cleanse.get("warmup_dice_weight", -1.0)
+        warmup_weight = self.config.cleanse.warmup_dice_weight
         if during_warmup and warmup_weight >= 0:
             return float(warmup_weight)
         return float(self.config.train.dice_weight)
@@ -543,7 +543,7 @@ class Trainer:
         self.nonfinite_steps += 1
         train = self.config.train
         where = f"step {step} (epoch {epoch})"
-        if train.get("nonfinite", "skip") == "stop":
+        if train.nonfinite == "stop":
             raise NonFiniteError(
                 f"{where}: non-finite loss or gradient; train.nonfinite=stop ends the run "
                 "(its last checkpoint is kept)"
@@ -553,7 +553,7 @@ class Trainer:
             where,
             self.nonfinite_steps,
         )
-        limit = train.get("nonfinite_limit", 10)
+        limit = train.nonfinite_limit
         if self.nonfinite_steps > limit:
             raise NonFiniteError(
                 f"{where}: {self.nonfinite_steps} steps skipped for non-finite losses or "
@@ -729,7 +729,7 @@ class Trainer:
         first_epoch = self.resume(checkpointer) if checkpointer else 0
         if distributed.is_main():
             records.keep_records_before(self.workdir, first_epoch)
-            if config.train.get("tensorboard", False):
+            if config.train.tensorboard:
                 self.board = board.Board(self.workdir, first_epoch, self.noise.is_noisy)
         bar = tqdm(
             range(first_epoch, config.train.epochs),
@@ -775,9 +775,9 @@ class Trainer:
         if config.train.checkpoint:
             checkpointer = Checkpointer(
                 self.workdir,
-                keep=config.train.get("checkpoint_keep", 2),
-                every_steps=config.train.get("checkpoint_every_steps", 0),
-                every_minutes=config.train.get("checkpoint_every_minutes", 0.0),
+                keep=config.train.checkpoint_keep,
+                every_steps=config.train.checkpoint_every_steps,
+                every_minutes=config.train.checkpoint_every_minutes,
             )
         start = time.perf_counter()
         # Several processes would stop at different steps; one alone stops where asked.
