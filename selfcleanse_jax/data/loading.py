@@ -118,7 +118,7 @@ def _empty_table(size: int) -> SliceTable:
 
 def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, DatasetInfo]:
     data = config.data
-    chosen = phantom.get_phantom(data.get("phantom", "cardiac"))  # absent from older runs
+    chosen = phantom.get_phantom(data.phantom)
     settings = PreprocessSettings.from_config(config, chosen.modality.lower())
 
     def cases(numbers):
