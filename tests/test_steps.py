@@ -57,9 +57,10 @@ def test_simulated_devices_are_present():
 
 
 def test_step_changes_parameters():
-    steps = Steps(MODEL, optax.adam(1e-2), CONFIG, parallel="none")
-    before = steps.get_state(steps.init_state(0))
-    after, _ = _one_step("none")
+    steps = _adam_steps("none", "instance")
+    state = steps.init_state(0)
+    before = steps.get_state(state)
+    after = steps.get_state(steps.train(state, _batch(), jax.random.key(1))[0])
     moved = [
         not np.allclose(a, b)
         for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True)
