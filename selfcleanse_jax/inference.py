@@ -26,7 +26,6 @@ from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.config import with_defaults
 from selfcleanse_jax.data.preprocess import PreprocessSettings
 from selfcleanse_jax.models.unet import (
-    MODEL_FILE,
     UNetConfig,
     abstract_model,
     class_probabilities,
@@ -59,22 +58,21 @@ def _saved_shapes(params: Any) -> tuple[int, int]:
 def _model_config(workdir: Path, config: ml_collections.ConfigDict, params: Any) -> UNetConfig:
     """The run's architecture: its `model.json`, or for a run older than that record, its
     config's model settings with the channel counts of its saved parameters."""
-    path = workdir / MODEL_FILE
-    if path.is_file():
-        return UNetConfig(**json.loads(path.read_text()))
+    recorded = UNetConfig.load(workdir)
+    if recorded is not None:
+        return recorded
     return UNetConfig.from_config(config.model, *_saved_shapes(params))
 
 
 def _fill(template: nnx.State, saved: Any) -> nnx.State:
-    """`template`'s structure (abstract) with the saved arrays, as host arrays."""
+    """`template` (abstract, filled in place) with the saved arrays, as host arrays."""
     pure = jax.tree.map(
         lambda x: x["value"] if isinstance(x, dict) else x,
         saved,
         is_leaf=lambda x: isinstance(x, dict) and set(x) == {"value"},
     )
-    state = jax.tree.map(lambda x: x, template)
-    nnx.replace_by_pure_dict(state, pure)
-    return jax.tree.map(np.asarray, state)
+    nnx.replace_by_pure_dict(template, pure)
+    return jax.tree.map(np.asarray, template)
 
 
 @dataclasses.dataclass

@@ -59,6 +59,12 @@ class UNetConfig:
         text = json.dumps(dataclasses.asdict(self), indent=1) + "\n"
         atomic.write_text(Path(workdir) / MODEL_FILE, text)
 
+    @classmethod
+    def load(cls, workdir: Path) -> UNetConfig | None:
+        """The architecture `save` recorded in `WORKDIR/model.json`; None without one."""
+        path = Path(workdir) / MODEL_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
     def widths(self) -> list[int]:
         return [min(self.base_width * 2**level, self.max_width) for level in range(self.depth + 1)]
 
