@@ -51,6 +51,7 @@ class CleanseRecord(TypedDict, total=False):
     gmm_weights: list[float]
     gmm_degenerate: bool
     lfm_view: dict[str, Any]
+    class_offsets: list[float]  # with cleanse.calibrate, when the round flags slices
     detection: dict[str, float | None]
     pseudo_label_dice: PseudoLabelDice | None
 

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax import distributed
 from selfcleanse_jax.augment import AugmentConfig, augment_batch
-from selfcleanse_jax.cleansing.lcm import LCMSettings, cleanse_batch
+from selfcleanse_jax.cleansing.lcm import LCMSettings, cleanse_batch, margin_areas
 from selfcleanse_jax.losses import (
     LFM_LOSSES,
     boundary_disagreement,
@@ -206,13 +206,24 @@ def cleanse_step(
 ) -> tuple[jax.Array, jax.Array | None]:
     """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
 
-    batch: image, target (the given label) and clean_prob (B,) from the LFM. The probabilities
-    come from the EMA teacher when there is one.
+    batch: image, target (the given label), clean_prob (B,) from the LFM and, optionally,
+    class_offset (B, K) (`lcm.calibrated_offsets`). The probabilities come from the EMA
+    teacher when there is one.
     """
     model = _model(state, graphdef, teacher=True)
     probs = class_probabilities(model, batch["image"], config.flip_average)
-    hard, soft = cleanse_batch(probs, batch["target"], batch["clean_prob"], config.lcm)
+    hard, soft = cleanse_batch(
+        probs, batch["target"], batch["clean_prob"], config.lcm, batch.get("class_offset")
+    )
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
+
+
+def calibration_step(
+    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
+) -> jax.Array:
+    """`lcm.margin_areas` of the probabilities the LCM uses (B, len(OFFSET_GRID), K-1)."""
+    model = _model(state, graphdef, teacher=True)
+    return margin_areas(class_probabilities(model, batch["image"], config.flip_average))
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
@@ -275,6 +286,7 @@ class Steps:
                 eval_step, graphdef=eval_graphdef, config=config, teacher=True
             ),
             "cleanse": functools.partial(cleanse_step, graphdef=eval_graphdef, config=config),
+            "calibrate": functools.partial(calibration_step, graphdef=eval_graphdef, config=config),
         }
 
         if self.mode == "none":
@@ -429,6 +441,14 @@ class Steps:
         batch, size = self.pad_batch(batch, pad_to)
         hard, soft = self._forward["cleanse"](state, self.put_batch(self._mine(batch)))
         return self._all_rows(hard)[:size], None if soft is None else self._all_rows(soft)[:size]
+
+    def calibrate(
+        self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
+    ) -> jax.Array:
+        """`calibration_step`'s margin areas of the batch's images, padded to `pad_to` rows."""
+        batch, size = self.pad_batch(batch, pad_to)
+        areas = self._forward["calibrate"](state, self.put_batch(self._mine(batch)))
+        return self._all_rows(areas)[:size]
 
     @staticmethod
     def _mine(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

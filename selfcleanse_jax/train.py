@@ -30,7 +30,7 @@ from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.flags import FlagSettings, flag_round
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
-from selfcleanse_jax.cleansing.lcm import LCMSettings, unlearnt_structures
+from selfcleanse_jax.cleansing.lcm import LCMSettings, calibrated_offsets, unlearnt_structures
 from selfcleanse_jax.cleansing.warmup import saturated
 from selfcleanse_jax.config import warmup_epochs, with_defaults
 from selfcleanse_jax.data import pipeline
@@ -341,14 +341,13 @@ class Trainer:
             log.warning("epoch %d: %s", epoch, result.message)
         bank = self.bank
         bank.reset()
+        unlearnt = unlearnt_structures(predictions, bank.given, self.num_classes, c.unlearnt_below)
         decided = flag_round(
             result.clean_prob,
             bank.clean_prob,
             separation(result.fit),
             degenerate=bool(result.message),
-            unlearnt=unlearnt_structures(
-                predictions, bank.given, self.num_classes, c.unlearnt_below
-            ),
+            unlearnt=unlearnt,
             class_names=self.dataset.class_names,
             settings=FlagSettings.from_config(c),
             filtering=self.config.method == "filter",
@@ -360,17 +359,21 @@ class Trainer:
         bank.weights[...] = decided.weights
         view = decided.view
         flagged = np.flatnonzero(bank.flagged)
+        offsets = None
+        if self.config.method == "selfcleanse" and c.calibrate and len(flagged):
+            offsets = self.class_offsets(np.flatnonzero(~bank.flagged & ~unlearnt.any(axis=1)))
         if self.config.method == "selfcleanse":
             for rows in _in_batches(len(flagged), self.config.train.eval_batch_size):
                 members = flagged[rows]
+                batch = {
+                    "image": train.images[members],
+                    "target": bank.given[members],
+                    "clean_prob": bank.clean_prob[members],
+                }
+                if offsets is not None:
+                    batch["class_offset"] = np.tile(offsets, (len(members), 1))
                 hard_labels, soft = self.steps.cleanse(
-                    self.state,
-                    {
-                        "image": train.images[members],
-                        "target": bank.given[members],
-                        "clean_prob": bank.clean_prob[members],
-                    },
-                    pad_to=self.config.train.eval_batch_size,
+                    self.state, batch, pad_to=self.config.train.eval_batch_size
                 )
                 bank.targets[members] = np.asarray(hard_labels)
                 if soft is not None:
@@ -389,6 +392,8 @@ class Trainer:
             "gmm_degenerate": bool(result.fit.degenerate),
             "lfm_view": view,
         }
+        if offsets is not None:
+            record["class_offsets"] = [float(b) for b in offsets]
         if self.config.noise.kind != "none":
             record["detection"] = metrics.detection_metrics(
                 self.noise.is_noisy, 1.0 - bank.clean_prob, bank.flagged
@@ -403,6 +408,19 @@ class Trainer:
                     "cleansed": metrics.label_dice(bank.targets[flagged], clean, self.num_classes),
                 }
         return record
+
+    def class_offsets(self, trusted: np.ndarray) -> np.ndarray:
+        """The LCM's class offsets (K,) calibrated on the `trusted` rows of the training set
+        (`lcm.calibrated_offsets`); zero when no row is trusted."""
+        if not len(trusted):
+            return np.zeros(self.num_classes, np.float32)
+        size = self.config.train.eval_batch_size
+        areas = 0
+        for rows in _in_batches(len(trusted), size):
+            members = trusted[rows]
+            batch = {"image": self.dataset.train.images[members]}
+            areas = areas + np.asarray(self.steps.calibrate(self.state, batch, pad_to=size)).sum(0)
+        return calibrated_offsets(areas, self.bank.given[trusted], self.num_classes)
 
     # -- the warm-up ---------------------------------------------------------------------
     def cleansing_begun(self, epoch: int) -> bool:

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfcleanse_jax.cleansing.lcm import LCMSettings, cleanse_batch, cleanse_one
+from selfcleanse_jax.cleansing.lcm import (
+    OFFSET_GRID,
+    LCMSettings,
+    calibrated_offsets,
+    cleanse_batch,
+    cleanse_one,
+    margin_areas,
+)
 from selfcleanse_jax.data.cases import IGNORE_INDEX
 
 H = W = 16
@@ -193,3 +200,47 @@ def test_edge_ignore_leaves_only_the_cores_of_the_given_and_cleansed_labels():
     # Off, the confident prediction is the label everywhere.
     hard, _ = cleanse_one(confident_probs(predicted), given, 0.0, LCMSettings(kappa=0.8))
     np.testing.assert_array_equal(np.asarray(hard), predicted)
+
+
+def _disk_probs(size: int, radius: float) -> np.ndarray:
+    """A two-class softmax (H, W, 2) whose foreground is sure inside `radius` and fades out
+    over a few pixels past it: a model that draws a disk of that radius."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    foreground = 1.0 / (1.0 + np.exp(np.hypot(yy, xx) - radius))
+    return np.stack([1.0 - foreground, foreground], axis=-1).astype(np.float32)
+
+
+def test_margin_areas_at_offset_zero_are_the_argmax_areas_and_shrink_with_the_offset():
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (3, 12, 12, 4)), axis=-1)
+    areas = np.asarray(margin_areas(probs))
+    argmax = np.asarray(jnp.argmax(probs, axis=-1))
+    at_zero = areas[:, np.flatnonzero(OFFSET_GRID == 0.0)[0]]
+    np.testing.assert_array_equal(
+        at_zero, np.stack([(argmax == c).sum((1, 2)) for c in (1, 2, 3)], axis=1)
+    )
+    assert np.all(np.diff(areas, axis=1) <= 0)
+
+
+def test_calibrated_offsets_bring_an_over_drawing_models_pseudo_labels_to_the_given_size():
+    """A model that draws every disk 3 px wider than the trusted labels gets a positive
+    offset, under which a flagged slice's pseudo-label is the size of the clean disk."""
+    probs = _disk_probs(48, radius=11.0)
+    yy, xx = np.mgrid[:48, :48] - 24
+    given = (np.hypot(yy, xx) < 8.0).astype(np.int32)
+    areas = np.asarray(margin_areas(probs[None]))[0]
+    offsets = calibrated_offsets(areas, given[None], 2)
+    assert offsets[0] == 0.0 and offsets[1] > 1.0
+    dilated = (np.hypot(yy, xx) < 11.0).astype(np.int32)  # a flagged slice's given label
+    sure = LCMSettings(kappa=0.5)  # every pixel sure: the test is of the offsets alone
+    plain, _ = cleanse_one(probs, dilated, 0.0, sure)
+    calibrated, _ = cleanse_one(probs, dilated, 0.0, sure, class_offset=jnp.asarray(offsets))
+    assert np.sum(plain) > 1.7 * given.sum()
+    assert abs(np.sum(calibrated) - given.sum()) < 0.1 * given.sum()
+
+
+def test_a_class_the_trusted_slices_never_draw_keeps_offset_zero():
+    areas = np.tile(np.arange(len(OFFSET_GRID))[::-1, None], (1, 2))
+    given = np.zeros((2, 8, 8), np.int32)
+    given[0, :2, :2] = 1
+    offsets = calibrated_offsets(areas, given, 3)
+    assert offsets[2] == 0.0 and offsets[1] != 0.0

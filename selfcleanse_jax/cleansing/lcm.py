@@ -22,6 +22,11 @@ square (2r+1)^2 window, then optional filling of background holes) acts on the a
 before the confidence fallback. The soft target is q renormalised (p where y carries no label),
 optionally sharpened with a temperature T: q**(1/T) renormalised.
 
+With class offsets b (K,) (`cleanse.calibrate`), p is first replaced by softmax(log p - b):
+a model trained on labels that are drawn too wide (or too tight) leans the same way, and
+`calibrated_offsets` chooses b so that on the slices the LFM trusts, its labels are as large
+as the given ones (`margin_areas` counts them on device).
+
 Everything is jnp and jittable; `cleanse_batch` vmaps over a batch. `LCMSettings` holds the
 options, checked when made.
 """
@@ -138,14 +143,18 @@ def cleanse_one(
     given: jax.Array,
     clean_prob: jax.Array | float,
     settings: LCMSettings = LCMSettings(),
+    class_offset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pseudo-label of one sample: hard (H, W) int32 and soft (H, W, K) float32 targets.
 
     `probs` (H, W, K) is the model's softmax, `given` (H, W) the given integer label,
-    `clean_prob` the LFM's w for this sample (clipped to [0, 1]).
+    `clean_prob` the LFM's w for this sample (clipped to [0, 1]), `class_offset` (K,) the
+    calibration subtracted from log p (none: p as it is).
     """
     kappa, fallback, band = settings.kappa, settings.fallback, settings.band
     probs = jnp.asarray(probs, jnp.float32)
+    if class_offset is not None:
+        probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) - class_offset, axis=-1)
     num_classes = probs.shape[-1]
     given = jnp.asarray(given).astype(jnp.int32)
     labelled = (given >= 0) & (given < num_classes)
@@ -203,10 +212,41 @@ def cleanse_batch(
     given: jax.Array,
     clean_prob: jax.Array,
     settings: LCMSettings = LCMSettings(),
+    class_offset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,).
+    """`cleanse_one` vmapped over a batch: probs (B, H, W, K), given (B, H, W), w (B,),
+    class_offset (B, K) or None.
 
     Returns hard (B, H, W) int32 and soft (B, H, W, K) float32.
     """
     one = functools.partial(cleanse_one, settings=settings)
-    return jax.vmap(one)(probs, given, clean_prob)
+    if class_offset is None:
+        return jax.vmap(one)(probs, given, clean_prob)
+    return jax.vmap(one)(probs, given, clean_prob, class_offset=class_offset)
+
+
+OFFSET_GRID = np.round(np.arange(-2.0, 4.0001, 0.1), 1).astype(np.float32)
+"""The class offsets `calibrated_offsets` chooses from (log-probability units)."""
+
+
+def margin_areas(probs: jax.Array) -> jax.Array:
+    """Per sample and offset b of `OFFSET_GRID`, each foreground class's area once its
+    log-probability is lowered by b: pixels where log p_c - b beats every other class.
+    probs (B, H, W, K) -> (B, len(OFFSET_GRID), K-1) int32."""
+    log_p = jnp.log(jnp.maximum(probs, 1e-30))
+    classes = jnp.arange(1, probs.shape[-1])
+    others = jnp.where(jnp.eye(probs.shape[-1], dtype=bool)[classes], -jnp.inf, log_p[..., None, :])
+    margin = log_p[..., 1:] - jnp.max(others, axis=-1)  # (B, H, W, K-1)
+    above = margin[:, None] > jnp.asarray(OFFSET_GRID)[None, :, None, None, None]
+    return jnp.sum(above, axis=(2, 3), dtype=jnp.int32)
+
+
+def calibrated_offsets(areas: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class offsets (K,) (background 0) under which the trusted slices' predicted area of
+    each class is nearest its given area. areas: `margin_areas` summed over those slices
+    (len(OFFSET_GRID), K-1); given: their given labels (N, H, W). A class they do not draw
+    keeps offset 0."""
+    drawn = np.array([(given == c).sum() for c in range(1, num_classes)])
+    nearest = np.argmin(np.abs(areas - drawn[None, :]), axis=0)
+    offsets = np.where(drawn > 0, OFFSET_GRID[nearest], 0.0)
+    return np.concatenate([[0.0], offsets]).astype(np.float32)
