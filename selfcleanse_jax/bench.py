@@ -352,7 +352,7 @@ def step_figures(quick: bool, repeats: int) -> dict:
     devices: the gradient all-reduce (float32, ring: 2(N-1)/N of the parameter bytes per
     device) and the LFM's gather of every training slice's loss and predicted label."""
     config = _bench_config(image_size=64 if quick else 128, train_cases=4)
-    config.parallel = "shard_map"
+    config.parallel = "jit"
     workdir = tempfile.mkdtemp(prefix="selfcleanse_scaling_")
     trainer = train.Trainer(config, workdir, load_dataset(config))
     steps, table = trainer.steps, trainer.dataset.train

@@ -1,19 +1,21 @@
-"""Train, evaluation and cleansing steps, written once per device, and their parallel wrappers.
+"""Train, evaluation and cleansing steps, written once for the global batch, and their
+parallel wrappers.
 
-Each step is a pure function of (state, batch, key). `Steps` wraps them for one of:
+Each step is a pure function of (state, batch, key). `Steps` runs them in one of two ways:
 
-- `none`: `jax.jit` on one device;
-- `pmap`: `jax.pmap` over local devices, state replicated with a leading device axis;
-- `shard_map`: `jax.jit` of `jax.shard_map` over a `('data',)` mesh, state replicated.
+- `jit` (and `auto`): `jax.jit` with the state replicated and the batch split by rows over a
+  `('data',)` mesh of the devices; XLA adds the collectives: the gradient's sum over the
+  devices and BatchNorm's statistics over the whole batch. On one device it is plain jit;
+  `none` is the same on the first device alone, and `shard_map` is read as `jit` (this path's
+  name before it became plain jit).
+- `pmap`: `jax.pmap` over the devices, state replicated with a leading device axis; the
+  same step is told the axis name, sums its gradient with `lax.psum` and takes BatchNorm's
+  statistics over the axis, so that it computes the same update.
 
-All three compute the same global-batch update: every device differentiates its share of
-the global mean loss and the shares are summed with `lax.psum`; BatchNorm takes its batch
-statistics over the global batch (its `axis_name`), as it does on one device.
-
-With several processes (`selfcleanse_jax.distributed`), shard_map's mesh spans every
-process's devices and pmap's collectives span them too: each process feeds its own rows of
-the global batch, and the outputs (per-sample losses, predictions) are gathered so that every
-process holds all of them.
+With several processes (`selfcleanse_jax.distributed`), the mesh spans every process's
+devices and pmap's collectives span them too: each process feeds its own rows of the global
+batch, and the outputs (per-sample losses, predictions) are gathered so that every process
+holds all of them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from selfcleanse_jax.models.unet import (
     model_graphdefs,
 )
 
-PARALLEL_MODES = ("auto", "pmap", "shard_map", "none")
+PARALLEL_MODES = ("auto", "jit", "pmap", "none", "shard_map")
 AXIS = "data"
 
 
@@ -227,25 +229,23 @@ def calibration_step(
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
-    """A 1-D ('data',) mesh with Auto axes: the per-device code says where to communicate."""
+    """A 1-D ('data',) mesh with Auto axes: XLA places the collectives."""
     return jax.make_mesh(
         (len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 
-def resolve_parallel(mode: str, num_devices: int | None = None) -> str:
-    """`auto` picks shard_map when there are several devices (in all processes), else none."""
+def resolve_parallel(mode: str) -> str:
+    """The path a `parallel` setting runs: `jit`, `pmap` or `none` (`auto` and `shard_map`
+    are `jit`)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
     if mode == "none" and distributed.several():
         raise ValueError(
             f"parallel=none trains on one device, but this job has {jax.process_count()} "
-            "processes: use shard_map, pmap or auto"
+            "processes: use jit, pmap or auto"
         )
-    if mode != "auto":
-        return mode
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    return "shard_map" if num_devices > 1 else "none"
+    return "jit" if mode in ("auto", "shard_map") else mode
 
 
 class Steps:
@@ -269,11 +269,11 @@ class Steps:
         self.tx = tx
         self.config = config
         self.devices = list(jax.local_devices() if devices is None else devices)
-        self.mode = resolve_parallel(parallel, len(self.devices) * jax.process_count())
+        self.mode = resolve_parallel(parallel)
         if self.mode == "none":
             self.devices = self.devices[:1]
-        # Mapped over devices, BatchNorm takes its statistics over the whole global batch.
-        axis = None if self.mode == "none" else AXIS
+        # Under pmap, BatchNorm takes its statistics over the whole global batch by name.
+        axis = AXIS if self.mode == "pmap" else None
         train_graphdef, eval_graphdef = model_graphdefs(
             dataclasses.replace(model_config, batch_norm_axis=axis)
         )
@@ -289,10 +289,7 @@ class Steps:
             "calibrate": functools.partial(calibration_step, graphdef=eval_graphdef, config=config),
         }
 
-        if self.mode == "none":
-            self._train = jax.jit(train, donate_argnums=0)
-            self._forward = {name: jax.jit(fn) for name, fn in forward.items()}
-        elif self.mode == "pmap":
+        if self.mode == "pmap":
             # With several processes pmap spans every process's devices (its default), and
             # its inputs are global arrays with one row per device of the job.
             several = distributed.several()
@@ -310,25 +307,19 @@ class Steps:
                 name: jax.pmap(fn, axis_name=AXIS, devices=pmap_devices)
                 for name, fn in forward.items()
             }
-        elif self.mode == "shard_map":
+        else:
+            # The steps are written for the global batch; XLA splits each over the mesh and
+            # adds the collectives (the gradient's sum, BatchNorm's batch statistics).
             self.mesh = _data_mesh(jax.devices() if distributed.several() else self.devices)
+            replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
             self._train = jax.jit(
-                jax.shard_map(
-                    functools.partial(train, axis_name=AXIS),
-                    mesh=self.mesh,
-                    in_specs=(P(), P(AXIS), P()),
-                    out_specs=(P(), P(AXIS), P()),
-                    # The step reduces gradients itself, exactly as under pmap; with
-                    # check_vma on, JAX would also psum the gradient of the replicated
-                    # parameters and count every device's share twice.
-                    check_vma=False,
-                ),
+                train,
+                in_shardings=(replicated, rows, replicated),
+                out_shardings=(replicated, rows, replicated),
                 donate_argnums=0,
             )
             self._forward = {
-                name: jax.jit(
-                    jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
-                )
+                name: jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
                 for name, fn in forward.items()
             }
 
@@ -353,9 +344,7 @@ class Steps:
                 jax.device_get(state),
             )
             return distributed.put_replicated(stacked, self._device_axis)
-        if self.mode == "shard_map":
-            return distributed.put_replicated(state, NamedSharding(self.mesh, P()))
-        return jax.device_put(state, self.devices[0])
+        return distributed.put_replicated(state, NamedSharding(self.mesh, P()))
 
     def get_state(self, state: TrainState) -> TrainState:
         """The state as one copy (undoes the pmap device axis)."""
@@ -374,18 +363,14 @@ class Steps:
                     for k, v in batch.items()
                 }
             return jax.device_put(batch, self._device_axis)
-        if self.mode == "shard_map":
-            rows = NamedSharding(self.mesh, P(AXIS))
-            if distributed.several():
-                return {
-                    k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()
-                }
-            return jax.device_put(batch, rows)
-        return jax.device_put(batch, self.devices[0])
+        rows = NamedSharding(self.mesh, P(AXIS))
+        if distributed.several():
+            return {k: jax.make_array_from_process_local_data(rows, v) for k, v in batch.items()}
+        return jax.device_put(batch, rows)
 
     def put_key(self, key: jax.Array) -> jax.Array:
         """A random key as the steps take it (replicated over every process's devices)."""
-        if self.mode == "shard_map" and distributed.several():
+        if self.mode != "pmap" and distributed.several():
             return distributed.put_replicated(key, NamedSharding(self.mesh, P()))
         return key
 

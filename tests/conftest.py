@@ -1,4 +1,4 @@
-"""Four simulated CPU devices, so the pmap and shard_map paths run in every test session; a
+"""Four simulated CPU devices, so the pmap and mesh (jit) paths run in every test session; a
 temporary cache folder, so tests never write to the user's; and one persistent compilation
 cache for the session and the processes its tests start, so that each program is compiled
 once, not once per process."""

@@ -95,10 +95,10 @@ def _flags(workdir: Path) -> dict[int, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The run on 1 process x 4 devices (pmap and shard_map give the same update)."""
+    """The run on 1 process x 4 devices (pmap and jit give the same update)."""
     assert jax.device_count() == 4
     workdir = tmp_path_factory.mktemp("single")
-    train.run(tiny_config(**RUN, parallel="shard_map"), workdir)
+    train.run(tiny_config(**RUN, parallel="jit"), workdir)
     return workdir
 
 
@@ -123,7 +123,7 @@ def _assert_both_ended(results: list[subprocess.CompletedProcess]) -> None:
 
 @pytest.mark.parametrize(
     "parallel",
-    ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)],  # pmap: 80 s more
+    ["jit", pytest.param("pmap", marks=pytest.mark.slow)],  # pmap: 80 s more
 )
 def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path, parallel):
     double = tmp_path / "double"
@@ -139,7 +139,7 @@ def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path,
     assert "process 0 of 2" in results[0].stdout
     assert "process 1 of 2" not in results[1].stdout  # the others log warnings only
     _assert_same_run(one_process, double)
-    if parallel == "shard_map":
+    if parallel == "jit":
         # Every process resumes from the collective checkpoint of epoch 1 and ends the same.
         newest = max(int(p.name) for p in (double / "checkpoints").iterdir() if p.name.isdigit())
         shutil.rmtree(double / "checkpoints" / str(newest))
@@ -149,6 +149,13 @@ def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path,
         assert "resumed from the checkpoint of step" in results[0].stdout
         assert len((double / "metrics.jsonl").read_text().splitlines()) == EPOCHS
         _assert_same_run(one_process, double)
+
+
+def test_a_whole_run_under_pmap_is_the_run_under_jit(one_process, tmp_path):
+    """The same flags at every round, the same parameters and test Dice on 1 process x 4
+    devices, whichever way the steps are mapped over them."""
+    train.run(tiny_config(**RUN, parallel="pmap"), tmp_path / "pmap")
+    _assert_same_run(one_process, tmp_path / "pmap")
 
 
 def test_a_coordinator_needs_a_process_count_and_index():
