@@ -102,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.band = 2  # fallback=band: unsure pixels this near a drawn outline (px) are ignored
     c.cleanse.edge_ignore = 0  # > 0: pseudo-labels teach no pixel this near (px) an outline
     c.cleanse.calibrate = False  # LCM softmax shifted per class: trusted slices' areas as given
+    c.cleanse.calibrate_lfm = False  # the LFM's losses too, from the last round's trusted slices
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0

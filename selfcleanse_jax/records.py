@@ -52,6 +52,7 @@ class CleanseRecord(TypedDict, total=False):
     gmm_degenerate: bool
     lfm_view: dict[str, Any]
     class_offsets: list[float]  # with cleanse.calibrate, when the round flags slices
+    lfm_class_offsets: list[float]  # with cleanse.calibrate_lfm
     detection: dict[str, float | None]
     pseudo_label_dice: PseudoLabelDice | None
 

@@ -190,10 +190,14 @@ def eval_step(
     The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label),
     with the Dice term weighted by `config.lfm_dice_weight` when set; with `config.lfm_loss`
     "boundary", `boundary_disagreement` takes the place of the mean cross-entropy. With
-    `teacher`, the EMA teacher's forward pass (the model's own when there is none).
+    `teacher`, the EMA teacher's forward pass (the model's own when there is none). An
+    optional `batch["class_offset"]` (B, K) is subtracted from the logits first: labels and
+    losses of the model's calibrated softmax (`lcm.calibrated_offsets`).
     """
     model = _model(state, graphdef, teacher)
     logits = model(batch["image"])
+    if "class_offset" in batch:
+        logits = logits - batch["class_offset"][:, None, None, :].astype(logits.dtype)
     targets, mask = label_targets(batch["target"], config.num_classes)
     dice_weight = config.dice_weight if config.lfm_dice_weight is None else config.lfm_dice_weight
     losses = per_sample_loss(logits, targets, mask, dice_weight=dice_weight)

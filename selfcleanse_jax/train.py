@@ -201,12 +201,16 @@ def evaluate_losses(
     labels: np.ndarray,
     batch_size: int,
     teacher: bool = False,
+    class_offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted labels and per-sample losses against `labels` for every slice, no augmentation
-    (with `teacher`: the EMA teacher's, when the run keeps one)."""
+    (with `teacher`: the EMA teacher's, when the run keeps one; with `class_offset` (K,): of
+    the log-probabilities lowered by it, `eval_step`)."""
     predictions, losses = [], []
     for idx in _in_batches(len(table), batch_size):
         batch = {"image": table.images[idx], "target": labels[idx]}
+        if class_offset is not None:
+            batch["class_offset"] = np.tile(class_offset, (len(idx), 1))
         pred, loss = steps.evaluate(state, batch, teacher, pad_to=batch_size)
         predictions.append(pred)
         losses.append(loss)
@@ -313,6 +317,10 @@ class Trainer:
         """LFM on the given labels, then (selfcleanse) LCM for the flagged samples."""
         c = self.config.cleanse
         train = self.dataset.train
+        lfm_offsets = None
+        if c.calibrate_lfm:
+            # Calibrated on the slices the round before trusted (at the first round, all).
+            lfm_offsets = self.class_offsets(np.flatnonzero(~self.bank.flagged))
         predictions, losses = evaluate_losses(
             self.steps,
             self.state,
@@ -320,6 +328,7 @@ class Trainer:
             self.bank.given,
             self.config.train.eval_batch_size,
             teacher=True,
+            class_offset=lfm_offsets,
         )
         self.loss_history = (self.loss_history + [losses])[-c.loss_window :]
         result = split_clean_noisy(
@@ -394,6 +403,8 @@ class Trainer:
         }
         if offsets is not None:
             record["class_offsets"] = [float(b) for b in offsets]
+        if lfm_offsets is not None:
+            record["lfm_class_offsets"] = [float(b) for b in lfm_offsets]
         if self.config.noise.kind != "none":
             record["detection"] = metrics.detection_metrics(
                 self.noise.is_noisy, 1.0 - bank.clean_prob, bank.flagged
@@ -410,7 +421,7 @@ class Trainer:
         return record
 
     def class_offsets(self, trusted: np.ndarray) -> np.ndarray:
-        """The LCM's class offsets (K,) calibrated on the `trusted` rows of the training set
+        """Class offsets (K,) calibrated on the `trusted` rows of the training set
         (`lcm.calibrated_offsets`); zero when no row is trusted."""
         if not len(trusted):
             return np.zeros(self.num_classes, np.float32)

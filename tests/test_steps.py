@@ -196,6 +196,23 @@ def test_teacher_evaluation_uses_the_teacher_and_falls_back_to_the_model():
     assert np.abs(teacher - initial).sum() < np.abs(student - initial).sum()
 
 
+def test_evaluation_with_class_offsets_scores_the_calibrated_softmax():
+    """Offset 0 changes nothing; lowering every foreground class far enough leaves only
+    background, whose loss against an all-background label then falls."""
+    steps = Steps(MODEL, optax.sgd(0.5), CONFIG, parallel="none")
+    state = steps.init_state(0)
+    batch = _batch(size=4)
+    inputs = {"image": batch["image"], "target": np.zeros_like(batch["target"])}
+    plain_labels, plain_losses = steps.evaluate(state, inputs)
+    offset = np.zeros((4, CONFIG.num_classes), np.float32)
+    labels, losses = steps.evaluate(state, {**inputs, "class_offset": offset})
+    np.testing.assert_array_equal(labels, plain_labels)
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
+    offset[:, 1:] = 30.0
+    labels, losses = steps.evaluate(state, {**inputs, "class_offset": offset})
+    assert not np.any(np.asarray(labels)) and np.all(np.asarray(losses) < plain_losses)
+
+
 def test_lfm_loss_weights_the_dice_term_on_its_own():
     batch = _batch(size=4)
     inputs = {"image": batch["image"], "target": batch["target"]}
