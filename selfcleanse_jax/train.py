@@ -426,11 +426,13 @@ class Trainer:
         if not len(trusted):
             return np.zeros(self.num_classes, np.float32)
         size = self.config.train.eval_batch_size
-        areas = 0
-        for rows in _in_batches(len(trusted), size):
-            members = trusted[rows]
-            batch = {"image": self.dataset.train.images[members]}
-            areas = areas + np.asarray(self.steps.calibrate(self.state, batch, pad_to=size)).sum(0)
+        areas = [
+            self.steps.calibrate(
+                self.state, {"image": self.dataset.train.images[trusted[rows]]}, pad_to=size
+            )
+            for rows in _in_batches(len(trusted), size)
+        ]
+        areas = np.concatenate(jax.device_get(areas))
         return calibrated_offsets(areas, self.bank.given[trusted], self.num_classes)
 
     # -- the warm-up ---------------------------------------------------------------------

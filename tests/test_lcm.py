@@ -227,7 +227,7 @@ def test_calibrated_offsets_bring_an_over_drawing_models_pseudo_labels_to_the_gi
     probs = _disk_probs(48, radius=11.0)
     yy, xx = np.mgrid[:48, :48] - 24
     given = (np.hypot(yy, xx) < 8.0).astype(np.int32)
-    areas = np.asarray(margin_areas(probs[None]))[0]
+    areas = np.asarray(margin_areas(probs[None]))
     offsets = calibrated_offsets(areas, given[None], 2)
     assert offsets[0] == 0.0 and offsets[1] > 1.0
     dilated = (np.hypot(yy, xx) < 11.0).astype(np.int32)  # a flagged slice's given label
@@ -238,9 +238,16 @@ def test_calibrated_offsets_bring_an_over_drawing_models_pseudo_labels_to_the_gi
     assert abs(np.sum(calibrated) - given.sum()) < 0.1 * given.sum()
 
 
-def test_a_class_the_trusted_slices_never_draw_keeps_offset_zero():
-    areas = np.tile(np.arange(len(OFFSET_GRID))[::-1, None], (1, 2))
-    given = np.zeros((2, 8, 8), np.int32)
-    given[0, :2, :2] = 1
-    offsets = calibrated_offsets(areas, given, 3)
-    assert offsets[2] == 0.0 and offsets[1] != 0.0
+def test_a_structure_left_out_of_a_trusted_label_does_not_pull_the_offset():
+    """Three trusted slices the model labels with disks of radius 11: two drawn at radius 8,
+    one with the disk left out. The offset matches the two that draw it; a class that no
+    trusted slice both draws and predicts keeps offset 0."""
+    probs = _disk_probs(48, radius=11.0)
+    yy, xx = np.mgrid[:48, :48] - 24
+    disk = (np.hypot(yy, xx) < 8.0).astype(np.int32)
+    areas = np.asarray(margin_areas(np.stack([probs] * 3)))
+    drawn_twice = calibrated_offsets(areas[:2], np.stack([disk] * 2), 2)
+    left_out = calibrated_offsets(areas, np.stack([disk, disk, np.zeros_like(disk)]), 2)
+    assert drawn_twice[1] > 1.0 and left_out[1] == drawn_twice[1]
+    never = calibrated_offsets(areas, np.zeros((3, 48, 48), np.int32), 2)
+    assert never[1] == 0.0

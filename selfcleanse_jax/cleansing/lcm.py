@@ -25,7 +25,7 @@ optionally sharpened with a temperature T: q**(1/T) renormalised.
 With class offsets b (K,) (`cleanse.calibrate`), p is first replaced by softmax(log p - b):
 a model trained on labels that are drawn too wide (or too tight) leans the same way, and
 `calibrated_offsets` chooses b so that on the slices the LFM trusts, its labels are as large
-as the given ones (`margin_areas` counts them on device).
+as the given ones wherever both draw the structure (`margin_areas` counts them on device).
 
 Everything is jnp and jittable; `cleanse_batch` vmaps over a batch. `LCMSettings` holds the
 options, checked when made.
@@ -243,10 +243,19 @@ def margin_areas(probs: jax.Array) -> jax.Array:
 
 def calibrated_offsets(areas: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
     """Class offsets (K,) (background 0) under which the trusted slices' predicted area of
-    each class is nearest its given area. areas: `margin_areas` summed over those slices
-    (len(OFFSET_GRID), K-1); given: their given labels (N, H, W). A class they do not draw
-    keeps offset 0."""
-    drawn = np.array([(given == c).sum() for c in range(1, num_classes)])
-    nearest = np.argmin(np.abs(areas - drawn[None, :]), axis=0)
-    offsets = np.where(drawn > 0, OFFSET_GRID[nearest], 0.0)
+    each class is nearest its given area. areas: `margin_areas` of those slices
+    (N, len(OFFSET_GRID), K-1); given: their given labels (N, H, W).
+
+    A class counts only in the slices where both the given label and the model's own label
+    (offset 0) hold it: the offsets move outlines, and a structure left out of a label (or
+    one the model has not learnt) says nothing of where an outline lies. A class with no
+    such slice keeps offset 0."""
+    classes = np.arange(1, num_classes)
+    drawn = (np.asarray(given)[..., None] == classes).sum(axis=(1, 2))  # (N, K-1)
+    predicted = areas[:, int(np.flatnonzero(OFFSET_GRID == 0.0)[0]), :]
+    both = (drawn > 0) & (predicted > 0)
+    total_drawn = (drawn * both).sum(axis=0)
+    total_areas = (areas * both[:, None, :]).sum(axis=0)  # (len(OFFSET_GRID), K-1)
+    nearest = np.argmin(np.abs(total_areas - total_drawn[None, :]), axis=0)
+    offsets = np.where(total_drawn > 0, OFFSET_GRID[nearest], 0.0)
     return np.concatenate([[0.0], offsets]).astype(np.float32)
