@@ -57,6 +57,11 @@ class CleanseRecord(TypedDict, total=False):
     pseudo_label_dice: PseudoLabelDice | None
 
 
+OPTIONAL_CLEANSE_FIELDS = frozenset({"class_offsets", "lfm_class_offsets"})
+"""`CleanseRecord` fields that only an option writes: `cleanse.calibrate` (in a round that
+flags slices) and `cleanse.calibrate_lfm`."""
+
+
 class EpochRecord(TypedDict, total=False):
     """One line of metrics.jsonl; test Dice on evaluated epochs only."""
 

@@ -55,7 +55,8 @@ def test_a_runs_records_follow_the_schema(selfcleanse_run, tmp_path):
     assert all(set(line) <= set(records.EpochRecord.__annotations__) for line in lines)
     assert {"epoch", "train_loss", "test_dice", "seconds"} <= set(lines[-1])
     rounds = [line["cleanse"] for line in lines if "cleanse" in line]
-    assert rounds and all(set(r) == set(records.CleanseRecord.__annotations__) for r in rounds)
+    always = set(records.CleanseRecord.__annotations__) - records.OPTIONAL_CLEANSE_FIELDS
+    assert rounds and all(set(r) == always for r in rounds)
     summary = json.loads((selfcleanse_run / records.SUMMARY_FILE).read_text())
     assert set(summary) == set(records.Summary.__annotations__)
     every_epoch = set(records.EPOCH_ARRAYS)
@@ -64,6 +65,20 @@ def test_a_runs_records_follow_the_schema(selfcleanse_run, tmp_path):
         assert set(arrays) == expected, epoch
     with pytest.raises(ValueError, match="schema"):
         records.write_dynamics(tmp_path, 0, {"idx": np.arange(2), "loss": np.zeros(2)})
+
+
+def test_a_calibrated_run_records_its_offsets_in_every_round(train_run):
+    """With both calibration options, every round records the LFM's class offsets and every
+    round that flags slices the LCM's; the background's offset is 0. (The oracle flags make
+    the tiny run's rounds flag slices.)"""
+    options = {"cleanse.calibrate": True, "cleanse.calibrate_lfm": True, "cleanse.lfm_oracle": True}
+    workdir = train_run("calibrated", method="selfcleanse", **options)
+    rounds = [line["cleanse"] for line in records.read_metrics(workdir) if "cleanse" in line]
+    assert rounds and all(set(r) <= set(records.CleanseRecord.__annotations__) for r in rounds)
+    for record in rounds:
+        assert len(record["lfm_class_offsets"]) == 4 and record["lfm_class_offsets"][0] == 0.0
+        assert ("class_offsets" in record) == (record["flagged"] > 0)
+    assert any(r["flagged"] for r in rounds)
 
 
 def _records(workdir):
