@@ -408,6 +408,13 @@ class Steps:
         state, losses, finite = self._train(state, self.put_batch(batch), self.put_key(key))
         return state, self._flat(losses), finite[0] if self.mode == "pmap" else finite
 
+    def _rows_of(self, step: str, state: TrainState, batch: dict[str, np.ndarray], pad_to: int):
+        """Every row of a forward step's per-sample outputs for `batch`, padded to `pad_to`
+        rows (`pad_batch`) to run and cut back to its size."""
+        batch, size = self.pad_batch(batch, pad_to)
+        outputs = self._forward[step](state, self.put_batch(self._mine(batch)))
+        return jax.tree.map(lambda x: self._all_rows(x)[:size], outputs)
+
     def evaluate(
         self,
         state: TrainState,
@@ -415,29 +422,21 @@ class Steps:
         teacher: bool = False,
         pad_to: int = 0,
     ) -> tuple[jax.Array, jax.Array]:
-        """Predicted labels and per-sample losses; with `teacher`, those of the EMA teacher.
-        The batch is padded to `pad_to` rows (`pad_batch`)."""
-        batch, size = self.pad_batch(batch, pad_to)
-        run = self._forward["eval_teacher" if teacher else "eval"]
-        predictions, losses = run(state, self.put_batch(self._mine(batch)))
-        return self._all_rows(predictions)[:size], self._all_rows(losses)[:size]
+        """Predicted labels and per-sample losses (`eval_step`); with `teacher`, those of the
+        EMA teacher."""
+        return self._rows_of("eval_teacher" if teacher else "eval", state, batch, pad_to)
 
     def cleanse(
         self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Pseudo-labels and soft targets (or None) (`cleanse_step`); the batch is padded to
-        `pad_to` rows (`pad_batch`)."""
-        batch, size = self.pad_batch(batch, pad_to)
-        hard, soft = self._forward["cleanse"](state, self.put_batch(self._mine(batch)))
-        return self._all_rows(hard)[:size], None if soft is None else self._all_rows(soft)[:size]
+        """Pseudo-labels and soft targets (or None) (`cleanse_step`)."""
+        return self._rows_of("cleanse", state, batch, pad_to)
 
     def calibrate(
         self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
     ) -> jax.Array:
-        """`calibration_step`'s margin areas of the batch's images, padded to `pad_to` rows."""
-        batch, size = self.pad_batch(batch, pad_to)
-        areas = self._forward["calibrate"](state, self.put_batch(self._mine(batch)))
-        return self._all_rows(areas)[:size]
+        """The margin areas of the batch's images (`calibration_step`)."""
+        return self._rows_of("calibrate", state, batch, pad_to)
 
     @staticmethod
     def _mine(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -317,10 +317,12 @@ class Trainer:
         """LFM on the given labels, then (selfcleanse) LCM for the flagged samples."""
         c = self.config.cleanse
         train = self.dataset.train
+        # One sweep of the model's margin areas per round, when an offset is asked for.
+        areas = functools.cache(self.margin_areas)
         lfm_offsets = None
         if c.calibrate_lfm:
             # Calibrated on the slices the round before trusted (at the first round, all).
-            lfm_offsets = self.class_offsets(np.flatnonzero(~self.bank.flagged))
+            lfm_offsets = self.class_offsets(areas(), np.flatnonzero(~self.bank.flagged))
         predictions, losses = evaluate_losses(
             self.steps,
             self.state,
@@ -369,9 +371,10 @@ class Trainer:
         view = decided.view
         flagged = np.flatnonzero(bank.flagged)
         offsets = None
-        if self.config.method == "selfcleanse" and c.calibrate and len(flagged):
-            offsets = self.class_offsets(np.flatnonzero(~bank.flagged & ~unlearnt.any(axis=1)))
         if self.config.method == "selfcleanse":
+            if c.calibrate and len(flagged):
+                trusted = np.flatnonzero(~bank.flagged & ~unlearnt.any(axis=1))
+                offsets = self.class_offsets(areas(), trusted)
             for rows in _in_batches(len(flagged), self.config.train.eval_batch_size):
                 members = flagged[rows]
                 batch = {
@@ -420,20 +423,20 @@ class Trainer:
                 }
         return record
 
-    def class_offsets(self, trusted: np.ndarray) -> np.ndarray:
-        """Class offsets (K,) calibrated on the `trusted` rows of the training set
-        (`lcm.calibrated_offsets`); zero when no row is trusted."""
-        if not len(trusted):
-            return np.zeros(self.num_classes, np.float32)
+    def margin_areas(self) -> np.ndarray:
+        """`lcm.margin_areas` of every training slice under the current state."""
         size = self.config.train.eval_batch_size
+        images = self.dataset.train.images
         areas = [
-            self.steps.calibrate(
-                self.state, {"image": self.dataset.train.images[trusted[rows]]}, pad_to=size
-            )
-            for rows in _in_batches(len(trusted), size)
+            self.steps.calibrate(self.state, {"image": images[rows]}, pad_to=size)
+            for rows in _in_batches(len(images), size)
         ]
-        areas = np.concatenate(jax.device_get(areas))
-        return calibrated_offsets(areas, self.bank.given[trusted], self.num_classes)
+        return np.concatenate(jax.device_get(areas))
+
+    def class_offsets(self, areas: np.ndarray, trusted: np.ndarray) -> np.ndarray:
+        """Class offsets (K,) calibrated on the `trusted` rows of the training set, from
+        every row's margin `areas` (`lcm.calibrated_offsets`)."""
+        return calibrated_offsets(areas[trusted], self.bank.given[trusted], self.num_classes)
 
     # -- the warm-up ---------------------------------------------------------------------
     def cleansing_begun(self, epoch: int) -> bool:

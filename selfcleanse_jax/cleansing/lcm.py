@@ -132,6 +132,11 @@ def _morph_clean(labels: jax.Array, num_classes: int, radius: int, fill_holes: b
     return labels
 
 
+def _log(probs: jax.Array) -> jax.Array:
+    """log p, finite where p underflowed to 0."""
+    return jnp.log(jnp.maximum(probs, 1e-30))
+
+
 def _sharpen(q: jax.Array, temperature: float) -> jax.Array:
     """q**(1/T) renormalised over the last axis; divides by max q first to avoid underflow."""
     s = jnp.power(q / jnp.max(q, axis=-1, keepdims=True), 1.0 / temperature)
@@ -154,7 +159,7 @@ def cleanse_one(
     kappa, fallback, band = settings.kappa, settings.fallback, settings.band
     probs = jnp.asarray(probs, jnp.float32)
     if class_offset is not None:
-        probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) - class_offset, axis=-1)
+        probs = jax.nn.softmax(_log(probs) - class_offset, axis=-1)
     num_classes = probs.shape[-1]
     given = jnp.asarray(given).astype(jnp.int32)
     labelled = (given >= 0) & (given < num_classes)
@@ -220,8 +225,6 @@ def cleanse_batch(
     Returns hard (B, H, W) int32 and soft (B, H, W, K) float32.
     """
     one = functools.partial(cleanse_one, settings=settings)
-    if class_offset is None:
-        return jax.vmap(one)(probs, given, clean_prob)
     return jax.vmap(one)(probs, given, clean_prob, class_offset=class_offset)
 
 
@@ -233,7 +236,7 @@ def margin_areas(probs: jax.Array) -> jax.Array:
     """Per sample and offset b of `OFFSET_GRID`, each foreground class's area once its
     log-probability is lowered by b: pixels where log p_c - b beats every other class.
     probs (B, H, W, K) -> (B, len(OFFSET_GRID), K-1) int32."""
-    log_p = jnp.log(jnp.maximum(probs, 1e-30))
+    log_p = _log(probs)
     classes = jnp.arange(1, probs.shape[-1])
     others = jnp.where(jnp.eye(probs.shape[-1], dtype=bool)[classes], -jnp.inf, log_p[..., None, :])
     margin = log_p[..., 1:] - jnp.max(others, axis=-1)  # (B, H, W, K-1)
