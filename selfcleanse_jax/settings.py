@@ -10,7 +10,7 @@ from collections.abc import Callable
 import ml_collections
 
 from selfcleanse_jax.cleansing.gmm import BACKENDS, NORMALISATIONS
-from selfcleanse_jax.cleansing.lcm import FALLBACKS
+from selfcleanse_jax.cleansing.lcm import CALIBRATION_ESTIMATES, FALLBACKS
 from selfcleanse_jax.config import METHODS
 from selfcleanse_jax.distributed import INITIALIZE
 from selfcleanse_jax.losses import LFM_LOSSES
@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cleanse.lfm_normalise": NORMALISATIONS,
     "cleanse.lfm_loss": LFM_LOSSES,
     "cleanse.fallback": FALLBACKS,
+    "cleanse.calibrate_estimate": CALIBRATION_ESTIMATES,
     "distributed.initialize": INITIALIZE,
 }
 """Keys whose value is one of a few names."""

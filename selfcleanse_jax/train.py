@@ -436,7 +436,12 @@ class Trainer:
     def class_offsets(self, areas: np.ndarray, trusted: np.ndarray) -> np.ndarray:
         """Class offsets (K,) calibrated on the `trusted` rows of the training set, from
         every row's margin `areas` (`lcm.calibrated_offsets`)."""
-        return calibrated_offsets(areas[trusted], self.bank.given[trusted], self.num_classes)
+        return calibrated_offsets(
+            areas[trusted],
+            self.bank.given[trusted],
+            self.num_classes,
+            self.config.cleanse.calibrate_estimate,
+        )
 
     # -- the warm-up ---------------------------------------------------------------------
     def cleansing_begun(self, epoch: int) -> bool:

@@ -251,3 +251,21 @@ def test_a_structure_left_out_of_a_trusted_label_does_not_pull_the_offset():
     assert drawn_twice[1] > 1.0 and left_out[1] == drawn_twice[1]
     never = calibrated_offsets(areas, np.zeros((3, 48, 48), np.int32), 2)
     assert never[1] == 0.0
+
+
+def test_the_median_estimate_is_not_moved_by_a_trusted_slice_drawn_too_wide():
+    """Three trusted slices the model labels with disks of radius 11: two drawn at radius 8,
+    one drawn at radius 11 (a dilated label the LFM trusted). The median estimate gives the
+    offset of the two; the pooled one is pulled towards no offset."""
+    probs = _disk_probs(48, radius=11.0)
+    yy, xx = np.mgrid[:48, :48] - 24
+    small, wide = ((np.hypot(yy, xx) < r).astype(np.int32) for r in (8.0, 11.0))
+    areas = np.asarray(margin_areas(np.stack([probs] * 3)))
+    two = calibrated_offsets(areas[:2], np.stack([small] * 2), 2, "median")
+    three = np.stack([small, small, wide])
+    median = calibrated_offsets(areas, three, 2, "median")
+    pooled = calibrated_offsets(areas, three, 2, "pooled")
+    assert two[1] > 1.0 and median[1] == two[1]
+    assert 0.0 < pooled[1] < median[1] - 0.3
+    with pytest.raises(ValueError, match="calibration estimate"):
+        calibrated_offsets(areas, three, 2, "mean")

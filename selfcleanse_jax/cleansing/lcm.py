@@ -244,21 +244,44 @@ def margin_areas(probs: jax.Array) -> jax.Array:
     return jnp.sum(above, axis=(2, 3), dtype=jnp.int32)
 
 
-def calibrated_offsets(areas: np.ndarray, given: np.ndarray, num_classes: int) -> np.ndarray:
+CALIBRATION_ESTIMATES = ("pooled", "median")
+"""How `calibrated_offsets` matches sizes: the class's total area over the trusted slices,
+or the median over those slices of each one's predicted-to-given area ratio."""
+
+
+def calibrated_offsets(
+    areas: np.ndarray, given: np.ndarray, num_classes: int, estimate: str = "pooled"
+) -> np.ndarray:
     """Class offsets (K,) (background 0) under which the trusted slices' predicted area of
     each class is nearest its given area. areas: `margin_areas` of those slices
     (N, len(OFFSET_GRID), K-1); given: their given labels (N, H, W).
+
+    `estimate="pooled"` matches the class's total area over the slices, so the largest
+    structures decide; `"median"` brings the median over the slices of log(predicted /
+    given area) nearest 0, so every slice counts once and fewer than half of them (a missed
+    or extra lesion, a noisy label the LFM trusted) cannot move the offset far.
 
     A class counts only in the slices where both the given label and the model's own label
     (offset 0) hold it: the offsets move outlines, and a structure left out of a label (or
     one the model has not learnt) says nothing of where an outline lies. A class with no
     such slice keeps offset 0."""
+    if estimate not in CALIBRATION_ESTIMATES:
+        raise ValueError(
+            f"unknown calibration estimate {estimate!r}; expected one of {CALIBRATION_ESTIMATES}"
+        )
     classes = np.arange(1, num_classes)
     drawn = (np.asarray(given)[..., None] == classes).sum(axis=(1, 2))  # (N, K-1)
     predicted = areas[:, int(np.flatnonzero(OFFSET_GRID == 0.0)[0]), :]
     both = (drawn > 0) & (predicted > 0)
-    total_drawn = (drawn * both).sum(axis=0)
-    total_areas = (areas * both[:, None, :]).sum(axis=0)  # (len(OFFSET_GRID), K-1)
-    nearest = np.argmin(np.abs(total_areas - total_drawn[None, :]), axis=0)
-    offsets = np.where(total_drawn > 0, OFFSET_GRID[nearest], 0.0)
+    offsets = np.zeros(len(classes), np.float32)
+    for c in range(len(classes)):
+        rows = both[:, c]
+        if not rows.any():
+            continue
+        if estimate == "pooled":
+            mismatch = np.abs(areas[rows, :, c].sum(axis=0) - drawn[rows, c].sum())
+        else:
+            ratios = np.log(np.maximum(areas[rows, :, c], 0.5) / drawn[rows, c][:, None])
+            mismatch = np.abs(np.median(ratios, axis=0))
+        offsets[c] = OFFSET_GRID[np.argmin(mismatch)]
     return np.concatenate([[0.0], offsets]).astype(np.float32)
