@@ -375,21 +375,7 @@ class Trainer:
             if c.calibrate and len(flagged):
                 trusted = np.flatnonzero(~bank.flagged & ~unlearnt.any(axis=1))
                 offsets = self.class_offsets(areas(), trusted)
-            for rows in _in_batches(len(flagged), self.config.train.eval_batch_size):
-                members = flagged[rows]
-                batch = {
-                    "image": train.images[members],
-                    "target": bank.given[members],
-                    "clean_prob": bank.clean_prob[members],
-                }
-                if offsets is not None:
-                    batch["class_offset"] = np.tile(offsets, (len(members), 1))
-                hard_labels, soft = self.steps.cleanse(
-                    self.state, batch, pad_to=self.config.train.eval_batch_size
-                )
-                bank.targets[members] = np.asarray(hard_labels)
-                if soft is not None:
-                    bank.soft[members] = np.asarray(soft, np.float16)
+            self.cleanse_flagged(flagged, offsets)
         distributed.check_same("target banks", bank.targets, bank.weights, bank.flagged)
         if self.board:
             labels = {"clean": train.labels, "given": bank.given, "target": bank.targets}
@@ -422,6 +408,28 @@ class Trainer:
                     "cleansed": metrics.label_dice(bank.targets[flagged], clean, self.num_classes),
                 }
         return record
+
+    def cleanse_flagged(self, flagged: np.ndarray, offsets: np.ndarray | None) -> None:
+        """The LCM's targets for the `flagged` rows, written into the bank: the batches queue
+        on the device and come back in one transfer."""
+        bank, images, size = self.bank, self.dataset.train.images, self.config.train.eval_batch_size
+        outputs = []
+        for rows in _in_batches(len(flagged), size):
+            chosen = flagged[rows]
+            batch = {
+                "image": images[chosen],
+                "target": bank.given[chosen],
+                "clean_prob": bank.clean_prob[chosen],
+            }
+            if offsets is not None:
+                batch["class_offset"] = np.tile(offsets, (len(chosen), 1))
+            outputs.append(self.steps.cleanse(self.state, batch, pad_to=size))
+        if not outputs:
+            return
+        hard_labels, soft = (list(x) for x in zip(*jax.device_get(outputs), strict=True))
+        bank.targets[flagged] = np.concatenate(hard_labels)
+        if soft[0] is not None:
+            bank.soft[flagged] = np.concatenate(soft).astype(np.float16)
 
     def margin_areas(self) -> np.ndarray:
         """`lcm.margin_areas` of every training slice under the current state."""
