@@ -449,6 +449,7 @@ class Trainer:
             self.bank.given[trusted],
             self.num_classes,
             self.config.cleanse.calibrate_estimate,
+            self.config.cleanse.calibrate_min_area,
         )
 
     # -- the warm-up ---------------------------------------------------------------------

@@ -269,3 +269,15 @@ def test_the_median_estimate_is_not_moved_by_a_trusted_slice_drawn_too_wide():
     assert 0.0 < pooled[1] < median[1] - 0.3
     with pytest.raises(ValueError, match="calibration estimate"):
         calibrated_offsets(areas, three, 2, "mean")
+
+
+def test_a_class_drawn_smaller_than_the_minimum_area_keeps_offset_0():
+    """The over-drawing model of the tests above: its disks drawn at radius 8 (about 200
+    pixels) are calibrated with a minimum area of 150 pixels and left alone with 250."""
+    probs = _disk_probs(48, radius=11.0)
+    yy, xx = np.mgrid[:48, :48] - 24
+    disk = (np.hypot(yy, xx) < 8.0).astype(np.int32)
+    areas = np.asarray(margin_areas(np.stack([probs] * 2)))
+    given = np.stack([disk] * 2)
+    assert calibrated_offsets(areas, given, 2, "median", min_area=150)[1] > 1.0
+    assert calibrated_offsets(areas, given, 2, "median", min_area=250)[1] == 0.0

@@ -250,7 +250,11 @@ or the median over those slices of each one's predicted-to-given area ratio."""
 
 
 def calibrated_offsets(
-    areas: np.ndarray, given: np.ndarray, num_classes: int, estimate: str = "pooled"
+    areas: np.ndarray,
+    given: np.ndarray,
+    num_classes: int,
+    estimate: str = "pooled",
+    min_area: float = 0.0,
 ) -> np.ndarray:
     """Class offsets (K,) (background 0) under which the trusted slices' predicted area of
     each class is nearest its given area. areas: `margin_areas` of those slices
@@ -264,7 +268,9 @@ def calibrated_offsets(
     A class counts only in the slices where both the given label and the model's own label
     (offset 0) hold it: the offsets move outlines, and a structure left out of a label (or
     one the model has not learnt) says nothing of where an outline lies. A class with no
-    such slice keeps offset 0."""
+    such slice keeps offset 0, and so does one whose median drawn area over them is below
+    `min_area` pixels: a structure a few pixels across is mostly outline, and its area tells
+    a missed or extra structure apart from a moved outline no better than chance."""
     if estimate not in CALIBRATION_ESTIMATES:
         raise ValueError(
             f"unknown calibration estimate {estimate!r}; expected one of {CALIBRATION_ESTIMATES}"
@@ -276,7 +282,7 @@ def calibrated_offsets(
     offsets = np.zeros(len(classes), np.float32)
     for c in range(len(classes)):
         rows = both[:, c]
-        if not rows.any():
+        if not rows.any() or np.median(drawn[rows, c]) < min_area:
             continue
         if estimate == "pooled":
             mismatch = np.abs(areas[rows, :, c].sum(axis=0) - drawn[rows, c].sum())
