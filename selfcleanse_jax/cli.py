@@ -110,7 +110,9 @@ be overridden, e.g. --config.method=baseline --config.noise.kind=paper-l
 DIR/noise_card.json, DIR/checkpoints/ and, when done, DIR/summary.json. Rerunning the same
 command resumes an unfinished run and reports a finished one; a DIR holding another config
 is refused unless --overwrite. SIGTERM or Ctrl-C finishes the step under way, saves a
-checkpoint there and exits 0."""
+checkpoint there and exits 0. With --config.runs.seeds="(0,1,2)" (and/or runs.noise_seeds)
+the members train together in one program, each into DIR/member_K/, and DIR/members.json
+lists them."""
 
 
 def train_config(args: argparse.Namespace, overrides: list[str]):
@@ -124,8 +126,12 @@ def train_config(args: argparse.Namespace, overrides: list[str]):
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = train_config(args, overrides)
-    from selfcleanse_jax import distributed, train
+    from selfcleanse_jax import distributed, members, train
 
+    if members.requested(config):
+        result = members.run(config, args.workdir, overwrite=args.overwrite)
+        print(json.dumps(result, indent=1))
+        return 0
     summary = train.run(config, args.workdir, overwrite=args.overwrite)
     if distributed.is_main():
         print(json.dumps({k: v for k, v in summary.items() if k != "cleanse"}, indent=1))

@@ -15,11 +15,12 @@ def default_config() -> ml_collections.ConfigDict:
     """Self-cleansing on the embedded cardiac phantom under the paper-b noise protocol."""
     c = ml_collections.ConfigDict()
     c.method = "selfcleanse"
-    c.seed = 0
+    c.seed = 0  # the model's initialisation, shuffling and augmentation; and the data's
     c.parallel = "auto"
     c.progress = True
 
     c.data = ml_collections.ConfigDict()
+    c.data.seed = -1  # the phantom and the train/test split; < 0: `seed`
     c.data.root = ""  # a dataset folder; empty: the phantom, generated in memory
     c.data.layout = ""  # msd | acdc | lits; empty: detected from the folder's contents
     c.data.modality = ""  # mri | ct; empty: from dataset.json or the layout (ACDC mri, LiTS ct)
@@ -117,6 +118,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.ramp_epochs = 3
 
     # Several processes (hosts) on jax.distributed; every process runs the same command.
+    # Several runs in one program, trained together (`selfcleanse_jax.members`): one member
+    # per seed; a tuple of length 1 is shared by every member; both empty: one plain run.
+    c.runs = ml_collections.ConfigDict()
+    c.runs.seeds = ()  # each member's `seed`
+    c.runs.noise_seeds = ()  # each member's `noise.seed`
+    c.runs.step = "each"  # each: every member's own step, side by side | mapped: one vmapped step
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto (when SLURM/TPU/JAX env says so) | yes | no
     c.distributed.coordinator = ""  # HOST:PORT of process 0; empty: detected by JAX

@@ -20,7 +20,7 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from selfcleanse_jax import report, train
-from selfcleanse_jax.data.loading import Dataset, load_dataset
+from selfcleanse_jax.data.loading import Dataset, data_seed, load_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ _DATASETS: dict[str, Dataset] = {}
 
 
 def _dataset_for(config: ml_collections.ConfigDict) -> Dataset:
-    key = json.dumps([config.data.to_dict(), config.seed], sort_keys=True, default=str)
+    key = json.dumps([config.data.to_dict(), data_seed(config)], sort_keys=True, default=str)
     if key not in _DATASETS:
         _DATASETS.clear()  # runs come grouped by dataset: keep one in memory
         _DATASETS[key] = load_dataset(config)

@@ -18,6 +18,9 @@ from selfcleanse_jax.models.unet import COMPUTE_DTYPES, NORMS
 from selfcleanse_jax.noise import resolve_params
 from selfcleanse_jax.steps import PARALLEL_MODES
 
+RUN_STEPS = ("each", "mapped")
+"""`runs.step`: how the members of a several-run program take their train steps."""
+
 NONFINITE_POLICIES = ("skip", "stop")
 """`train.nonfinite`: a step with a non-finite loss or gradient is skipped (and counted, up to
 `train.nonfinite_limit`), or stops the run."""
@@ -34,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cleanse.fallback": FALLBACKS,
     "cleanse.calibrate_estimate": CALIBRATION_ESTIMATES,
     "distributed.initialize": INITIALIZE,
+    "runs.step": RUN_STEPS,
 }
 """Keys whose value is one of a few names."""
 
@@ -132,8 +136,31 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"noise.rate must be a number <= 1 (< 0: the default), got {noise.rate!r}"
             )
     problems += _distributed_problems(_value(config, "distributed"))
+    problems += _runs_problems(_value(config, "runs"))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _runs_problems(runs: ml_collections.ConfigDict | None) -> list[str]:
+    """`runs.seeds` and `runs.noise_seeds`: integers >= 0, of one length or of length 1."""
+    if runs is None:
+        return []
+    problems, lengths = [], set()
+    for key in ("seeds", "noise_seeds"):
+        seeds = runs[key]
+        valid = isinstance(seeds, tuple | list) and all(
+            _number(s) and s == int(s) and s >= 0 for s in seeds
+        )
+        if not valid:
+            problems.append(f"runs.{key} must be a tuple of integers >= 0, got {seeds!r}")
+        elif len(seeds) > 1:
+            lengths.add(len(seeds))
+    if len(lengths) > 1:
+        problems.append(
+            "runs.seeds and runs.noise_seeds must have the same length, or one of them length "
+            f"0 or 1, got {tuple(runs.seeds)} and {tuple(runs.noise_seeds)}"
+        )
+    return problems
 
 
 def _distributed_problems(settings: ml_collections.ConfigDict | None) -> list[str]:

@@ -326,6 +326,14 @@ class Steps:
                 name: jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
                 for name, fn in forward.items()
             }
+            # Several runs at once: the step mapped over a leading member axis.
+            member_rows = NamedSharding(self.mesh, P(None, AXIS))
+            self._train_members = jax.jit(
+                jax.vmap(train),
+                in_shardings=(replicated, member_rows, replicated),
+                out_shardings=(replicated, member_rows, replicated),
+                donate_argnums=0,
+            )
 
     def init_state(self, seed: int) -> TrainState:
         """A new model and optimiser state, placed for this mode."""
@@ -407,6 +415,21 @@ class Steps:
         (`train_step`); nothing is fetched from the device, so steps queue up."""
         state, losses, finite = self._train(state, self.put_batch(batch), self.put_key(key))
         return state, self._flat(losses), finite[0] if self.mode == "pmap" else finite
+
+    def train_members(
+        self, states: TrainState, batches: dict[str, np.ndarray], keys: jax.Array
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
+        """`train` for K runs at once: `states` stacked on a leading member axis, `batches`
+        (K, B, ...), `keys` (K,); returns the stacked states, losses (K, B) and finite flags
+        (K,). One process, and parallel auto, jit or none."""
+        if self.mode == "pmap" or distributed.several():
+            raise ValueError(
+                "several runs in one program (runs.seeds) train in one process under "
+                f"parallel=auto, jit or none (this job: parallel={self.mode}, "
+                f"{jax.process_count()} processes)"
+            )
+        placed = jax.device_put(batches, NamedSharding(self.mesh, P(None, AXIS)))
+        return self._train_members(states, placed, keys)
 
     def _rows_of(self, step: str, state: TrainState, batch: dict[str, np.ndarray], pad_to: int):
         """Every row of a forward step's per-sample outputs for `batch`, padded to `pad_to`

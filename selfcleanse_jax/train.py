@@ -311,6 +311,9 @@ class Trainer:
         self.epoch_record: dict = {}
         self.epoch_losses = np.full(len(train), np.nan, np.float32)
         self.board: board.Board | None = None  # TensorBoard, opened by `train_epochs`
+        # Runs trained together in one process share a lock and save one at a time, each save
+        # written before the next begins: orbax's managers do not save side by side.
+        self.save_lock: threading.Lock | None = None
 
     # -- one cleansing round -------------------------------------------------------------
     def cleansing_round(self, epoch: int) -> dict:
@@ -680,14 +683,17 @@ class Trainer:
         }
         if not finished:
             meta["record"] = self.epoch_record
-        checkpointer.save(
-            epoch * self.steps_per_epoch + self.data_state["step"],
-            self.steps.get_state(self.state),
-            self._bank_arrays(),
-            json.loads(json.dumps(meta)),  # a copy: the record changes while it is written
-            self.data_state,
-            None if finished else self._partial_arrays(),
-        )
+        with self.save_lock or contextlib.nullcontext():
+            checkpointer.save(
+                epoch * self.steps_per_epoch + self.data_state["step"],
+                self.steps.get_state(self.state),
+                self._bank_arrays(),
+                json.loads(json.dumps(meta)),  # a copy: the record changes while it is written
+                self.data_state,
+                None if finished else self._partial_arrays(),
+            )
+            if self.save_lock:
+                checkpointer.wait()
 
     def resume(self, checkpointer: Checkpointer) -> int:
         """Load the newest readable checkpoint in the workdir, if any; return the epoch to

@@ -116,6 +116,11 @@ def _empty_table(size: int) -> SliceTable:
     )
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the phantom and the splits: `data.seed`, or `seed` when that is < 0."""
+    return int(config.data.seed) if config.data.seed >= 0 else int(config.seed)
+
+
 def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable, DatasetInfo]:
     data = config.data
     chosen = phantom.get_phantom(data.phantom)
@@ -123,7 +128,8 @@ def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
 
     def cases(numbers):
         return (
-            chosen.make_case(config.seed, n, data.image_size, data.phantom_slices) for n in numbers
+            chosen.make_case(data_seed(config), n, data.image_size, data.phantom_slices)
+            for n in numbers
         )
 
     train_cases = data.phantom_train_cases
@@ -170,19 +176,19 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
     Without a labelled test split, `data.test_fraction` of the training cases are held out
     for testing; with `data.folds` = k > 1, fold `data.fold` of the remaining training cases
-    validates. Both splits are seeded by `config.seed`.
+    validates. The phantom and both splits are seeded by `data_seed`.
     """
     data = config.data
     train, test, info = _on_disk(config) if data.root else _phantom(config)
     subject = acdc.patient_of if info.layout == "acdc" else str
     if not len(test):
         subjects = [subject(name) for name in train.case_names]
-        kept, held = split_cases(subjects, data.test_fraction, config.seed)
+        kept, held = split_cases(subjects, data.test_fraction, data_seed(config))
         train, test = select_cases(train, kept), select_cases(train, held)
     val = None
     if data.folds > 1:
         subjects = [subject(name) for name in train.case_names]
-        fit, held = kfold_cases(subjects, data.folds, data.fold, config.seed)
+        fit, held = kfold_cases(subjects, data.folds, data.fold, data_seed(config))
         train, val = select_cases(train, fit), select_cases(train, held)
     return Dataset(
         train=train, test=test, class_names=info.class_names, modality=info.modality, val=val
