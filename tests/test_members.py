@@ -48,13 +48,16 @@ def _records(workdir) -> list[dict]:
 def test_each_member_is_the_single_run_its_config_replays(tmp_path):
     """Two members (seeds 0 and 3) of a selfcleanse run with a cleansing round: each
     member's folder is a complete run whose config.json, replayed as a single run, gives the
-    same records, test Dice and parameters, to the bit. (The mapped step is compared with single
+    same records, test Dice and parameters, to the bit; run again, every member is reported
+    from its records. (The mapped step is compared with single
     steps by test_a_member_with_a_non_finite_loss_leaves_the_other_members_update_alone.)"""
     config = tiny_config(method="selfcleanse", **{"train.epochs": 2, "cleanse.warmup_epochs": 1})
     config.runs.seeds = (0, 3)
     result = members.run(config, tmp_path / "together")
     assert [m["seed"] for m in result["members"]] == [0, 3]
     assert json.loads((tmp_path / "together" / members.MEMBERS_FILE).read_text()) == result
+    again = members.run(config, tmp_path / "together")
+    assert all(m["summary"]["reused"] for m in again["members"])
     for k, entry in enumerate(result["members"]):
         folder = tmp_path / "together" / f"member_{k}"
         replay = cli.load_config_file(str(folder / "config.json"))
