@@ -6,6 +6,7 @@ synchronised (`block_until_ready`) before the clock stops.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import platform
@@ -95,6 +96,25 @@ def train_step_seconds(trainer: train.Trainer, batch: dict, repeats: int) -> flo
         return losses
 
     return _timed(train_step, repeats)
+
+
+MEMBERS = 3
+"""Runs side by side in the members figure (`members_step_seconds`)."""
+
+
+def members_step_seconds(trainer: train.Trainer, batch: dict, repeats: int) -> float:
+    """Seconds per step of `MEMBERS` runs stepping side by side, each in a thread of its own
+    with the shared compiled step, as `--config.runs.seeds` trains them (`runs.step=each`);
+    best of `repeats` rounds of one step each, after one warm-up round."""
+    states = [trainer.steps.init_state(seed=k) for k in range(MEMBERS)]
+    key = jax.random.key(0)
+
+    def step(k: int) -> jax.Array:
+        states[k], losses, _ = trainer.steps.train(states[k], batch, key)
+        return jax.block_until_ready(losses)
+
+    with concurrent.futures.ThreadPoolExecutor(MEMBERS) as pool:
+        return _timed(lambda: list(pool.map(step, range(MEMBERS))), repeats)
 
 
 SPLIT_WEIGHT_GRAD_PARTS = 8
@@ -234,6 +254,7 @@ def run(quick: bool = False) -> dict:
     train_s = train_step_seconds(trainer, batch, repeats)
     parts_s = train_step_parts(trainer, batch, repeats)
     split_s = split_weight_grad_step_seconds(trainer, batch, repeats)
+    members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
 
@@ -259,6 +280,9 @@ def run(quick: bool = False) -> dict:
         "image_size": [int(height), int(width)],
         "train_images_per_s": 8 / train_s,
         "train_images_per_s_split_weight_grad": 8 / split_s,
+        "members": MEMBERS,
+        "members_train_images_per_s": MEMBERS * 8 / members_s,
+        "members_over_sequential": train_s * MEMBERS / members_s,
         "train_images_per_s_by_shape": shape_figures(repeats, quick),
         "train_step_parts_s": parts_s,
         "forward_images_per_s": 32 / forward_s[32],
