@@ -117,7 +117,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
     c.cleanse.ramp_epochs = 3
 
-    # Several processes (hosts) on jax.distributed; every process runs the same command.
     # Several runs in one program, trained together (`selfcleanse_jax.members`): one member
     # per seed; a tuple of length 1 is shared by every member; both empty: one plain run.
     c.runs = ml_collections.ConfigDict()
@@ -125,6 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.runs.noise_seeds = ()  # each member's `noise.seed`
     c.runs.step = "each"  # each: every member's own step, side by side | mapped: one vmapped step
 
+    # Several processes (hosts) on jax.distributed; every process runs the same command.
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = "auto"  # auto (when SLURM/TPU/JAX env says so) | yes | no
     c.distributed.coordinator = ""  # HOST:PORT of process 0; empty: detected by JAX

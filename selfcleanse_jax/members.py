@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import functools
 import json
-import logging
 import threading
 import time
 from pathlib import Path
@@ -34,8 +33,6 @@ import numpy as np
 from selfcleanse_jax import atomic, settings, train
 from selfcleanse_jax.data.loading import data_seed, load_dataset
 from selfcleanse_jax.steps import Steps, TrainState
-
-log = logging.getLogger(__name__)
 
 MEMBERS_FILE = "members.json"
 """`WORKDIR/members.json`: every member's folder, seeds and summary (or error)."""

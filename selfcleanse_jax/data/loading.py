@@ -126,11 +126,10 @@ def _phantom(config: ml_collections.ConfigDict) -> tuple[SliceTable, SliceTable,
     chosen = phantom.get_phantom(data.phantom)
     settings = PreprocessSettings.from_config(config, chosen.modality.lower())
 
+    seed = data_seed(config)
+
     def cases(numbers):
-        return (
-            chosen.make_case(data_seed(config), n, data.image_size, data.phantom_slices)
-            for n in numbers
-        )
+        return (chosen.make_case(seed, n, data.image_size, data.phantom_slices) for n in numbers)
 
     train_cases = data.phantom_train_cases
     test = range(train_cases, train_cases + data.phantom_test_cases)
