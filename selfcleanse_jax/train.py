@@ -30,7 +30,12 @@ from selfcleanse_jax.augment import AugmentConfig
 from selfcleanse_jax.checkpoint import CHECKPOINTS, UNREADABLE, Checkpointer
 from selfcleanse_jax.cleansing.flags import FlagSettings, flag_round
 from selfcleanse_jax.cleansing.gmm import separation, split_clean_noisy
-from selfcleanse_jax.cleansing.lcm import LCMSettings, calibrated_offsets, unlearnt_structures
+from selfcleanse_jax.cleansing.lcm import (
+    LCMSettings,
+    calibrated_classes,
+    calibrated_offsets,
+    unlearnt_structures,
+)
 from selfcleanse_jax.cleansing.warmup import saturated
 from selfcleanse_jax.config import warmup_epochs, with_defaults
 from selfcleanse_jax.data import pipeline
@@ -264,6 +269,10 @@ class Trainer:
         self.bank = TargetBank.from_labels(
             supervision, self.num_classes, config.cleanse.soft_targets
         )
+        # The classes a calibration may shift, from the given labels' sizes (fixed per run).
+        self.calibrated = calibrated_classes(
+            self.bank.given, self.num_classes, config.cleanse.calibrate_min_area
+        )
         self.loss_history: list[np.ndarray] = []
         self.lfm_input: np.ndarray | None = None  # the last round's GMM input (normalised)
         # The last round's per-slice Dice of the model's prediction to the given label.
@@ -452,7 +461,7 @@ class Trainer:
             self.bank.given[trusted],
             self.num_classes,
             self.config.cleanse.calibrate_estimate,
-            self.config.cleanse.calibrate_min_area,
+            self.calibrated,
         )
 
     # -- the warm-up ---------------------------------------------------------------------

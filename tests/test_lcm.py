@@ -10,6 +10,7 @@ import pytest
 from selfcleanse_jax.cleansing.lcm import (
     OFFSET_GRID,
     LCMSettings,
+    calibrated_classes,
     calibrated_offsets,
     cleanse_batch,
     cleanse_one,
@@ -271,13 +272,19 @@ def test_the_median_estimate_is_not_moved_by_a_trusted_slice_drawn_too_wide():
         calibrated_offsets(areas, three, 2, "mean")
 
 
-def test_a_class_drawn_smaller_than_the_minimum_area_keeps_offset_0():
-    """The over-drawing model of the tests above: its disks drawn at radius 8 (about 200
-    pixels) are calibrated with a minimum area of 150 pixels and left alone with 250."""
-    probs = _disk_probs(48, radius=11.0)
+def test_a_class_given_smaller_than_the_minimum_area_keeps_offset_0():
+    """Disks of radius 8 (about 200 pixels) given on two slices and a lesion of 20 pixels on
+    three: with a minimum area of 150 the disks are calibrated and the lesions never, even in
+    a round whose trusted slices hold only a larger lesion; with 250 neither is."""
     yy, xx = np.mgrid[:48, :48] - 24
     disk = (np.hypot(yy, xx) < 8.0).astype(np.int32)
+    lesion = np.where(np.hypot(yy - 16, xx - 16) < 2.5, 2, 0).astype(np.int32)
+    given = np.stack([disk, disk, lesion, lesion, lesion])
+    np.testing.assert_array_equal(calibrated_classes(given, 3, 150), [True, False])
+    np.testing.assert_array_equal(calibrated_classes(given, 3, 250), [False, False])
+    np.testing.assert_array_equal(calibrated_classes(given, 4, 0), [True, True, False])
+    probs = _disk_probs(48, radius=11.0)
     areas = np.asarray(margin_areas(np.stack([probs] * 2)))
-    given = np.stack([disk] * 2)
-    assert calibrated_offsets(areas, given, 2, "median", min_area=150)[1] > 1.0
-    assert calibrated_offsets(areas, given, 2, "median", min_area=250)[1] == 0.0
+    two = np.stack([disk] * 2)
+    assert calibrated_offsets(areas, two, 2, "median", np.array([True]))[1] > 1.0
+    assert calibrated_offsets(areas, two, 2, "median", np.array([False]))[1] == 0.0

@@ -249,12 +249,26 @@ CALIBRATION_ESTIMATES = ("pooled", "median")
 or the median over those slices of each one's predicted-to-given area ratio."""
 
 
+def calibrated_classes(given: np.ndarray, num_classes: int, min_area: float) -> np.ndarray:
+    """Which foreground classes (K-1,) bool the calibration may shift: those whose median
+    area over all the given labels (N, H, W) that draw them is at least `min_area` pixels.
+    A structure a few pixels across is mostly outline, and its area tells a missed or extra
+    structure apart from a moved outline no better than chance. Decided once from every
+    given label, so that a round whose trusted slices happen to hold the larger lesions
+    cannot let a class of small ones in."""
+    drawn = (np.asarray(given)[..., None] == np.arange(1, num_classes)).sum(axis=(1, 2))
+    return np.array(
+        [col[col > 0].size > 0 and np.median(col[col > 0]) >= min_area for col in drawn.T],
+        dtype=bool,
+    )
+
+
 def calibrated_offsets(
     areas: np.ndarray,
     given: np.ndarray,
     num_classes: int,
     estimate: str = "pooled",
-    min_area: float = 0.0,
+    calibrated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Class offsets (K,) (background 0) under which the trusted slices' predicted area of
     each class is nearest its given area. areas: `margin_areas` of those slices
@@ -268,9 +282,8 @@ def calibrated_offsets(
     A class counts only in the slices where both the given label and the model's own label
     (offset 0) hold it: the offsets move outlines, and a structure left out of a label (or
     one the model has not learnt) says nothing of where an outline lies. A class with no
-    such slice keeps offset 0, and so does one whose median drawn area over them is below
-    `min_area` pixels: a structure a few pixels across is mostly outline, and its area tells
-    a missed or extra structure apart from a moved outline no better than chance."""
+    such slice keeps offset 0, and so does one that `calibrated` (K-1,) bool, from
+    `calibrated_classes`, leaves out (None: every class counts)."""
     if estimate not in CALIBRATION_ESTIMATES:
         raise ValueError(
             f"unknown calibration estimate {estimate!r}; expected one of {CALIBRATION_ESTIMATES}"
@@ -282,7 +295,7 @@ def calibrated_offsets(
     offsets = np.zeros(len(classes), np.float32)
     for c in range(len(classes)):
         rows = both[:, c]
-        if not rows.any() or np.median(drawn[rows, c]) < min_area:
+        if not rows.any() or (calibrated is not None and not calibrated[c]):
             continue
         if estimate == "pooled":
             mismatch = np.abs(areas[rows, :, c].sum(axis=0) - drawn[rows, c].sum())
