@@ -270,8 +270,10 @@ class Trainer:
             supervision, self.num_classes, config.cleanse.soft_targets
         )
         # The classes a calibration may shift, from the given labels' sizes (fixed per run).
-        self.calibrated = calibrated_classes(
-            self.bank.given, self.num_classes, config.cleanse.calibrate_min_area
+        self.calibrated = (
+            calibrated_classes(self.bank.given, self.num_classes, config.cleanse.calibrate_min_area)
+            if config.cleanse.calibrate or config.cleanse.calibrate_lfm
+            else None
         )
         self.loss_history: list[np.ndarray] = []
         self.lfm_input: np.ndarray | None = None  # the last round's GMM input (normalised)

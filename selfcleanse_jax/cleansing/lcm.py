@@ -256,11 +256,13 @@ def calibrated_classes(given: np.ndarray, num_classes: int, min_area: float) -> 
     structure apart from a moved outline no better than chance. Decided once from every
     given label, so that a round whose trusted slices happen to hold the larger lesions
     cannot let a class of small ones in."""
-    drawn = (np.asarray(given)[..., None] == np.arange(1, num_classes)).sum(axis=(1, 2))
-    return np.array(
-        [col[col > 0].size > 0 and np.median(col[col > 0]) >= min_area for col in drawn.T],
-        dtype=bool,
-    )
+    given = np.asarray(given)
+    calibrated = np.zeros(num_classes - 1, dtype=bool)
+    for c in range(1, num_classes):
+        areas = (given == c).sum(axis=(1, 2))
+        drawn = areas[areas > 0]
+        calibrated[c - 1] = drawn.size > 0 and np.median(drawn) >= min_area
+    return calibrated
 
 
 def calibrated_offsets(
