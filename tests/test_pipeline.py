@@ -3,6 +3,7 @@ iterator state that survives a checkpoint, and bank updates reaching the next ep
 
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -48,6 +49,27 @@ def test_samples_carry_their_row():
         np.testing.assert_array_equal(batch["image"], arrays["image"][rows])
         np.testing.assert_array_equal(batch["target"], arrays["target"][rows])
         np.testing.assert_array_equal(batch["weight"], arrays["weight"][rows])
+
+
+@pytest.mark.parametrize(("process_index", "process_count"), [(0, 1), (1, 3)])
+def test_batches_are_grains_per_sample_shuffle_and_batch(process_index, process_count):
+    """The batch-at-once gather reads exactly what grain's per-sample shuffle -> batch ->
+    shard gives, so the order of every measured run is kept."""
+    arrays = _arrays()
+    source = pipeline.ArraySource(arrays)
+    usable = N // (3 * process_count) * 3 * process_count
+    per_sample = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=pipeline.shuffle_seed(6, 2))[:usable]
+        .batch(3, drop_remainder=True)[process_index::process_count]
+    )
+    gathered = _epoch(arrays, 3, 6, 2, process_index, process_count)
+    assert len(gathered) == len(per_sample) > 0
+    for expected, batch in zip(per_sample, pipeline.epoch_iterator(gathered), strict=True):
+        assert expected.keys() == batch.keys()
+        for name in expected:
+            assert expected[name].dtype == batch[name].dtype
+            np.testing.assert_array_equal(expected[name], batch[name])
 
 
 def test_order_depends_on_seed_and_epoch_only():
