@@ -105,7 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.calibrate = False  # LCM softmax shifted per class: trusted slices' areas as given
     c.cleanse.calibrate_lfm = False  # the LFM's losses too, from the last round's trusted slices
     c.cleanse.calibrate_estimate = "pooled"  # pooled (total area) | median (of per-slice ratios)
-    c.cleanse.calibrate_min_area = 0.0  # classes given smaller (median, pixels) keep offset 0
+    c.cleanse.calibrate_min_share = 0.0  # classes given smaller (median, share of H*W) keep 0
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0

@@ -99,7 +99,7 @@ RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "cleanse.teacher_decay": _fraction("[0, 1)"),
     "cleanse.weight": _at_least(0),
     "cleanse.ramp_epochs": _integer(0),
-    "cleanse.calibrate_min_area": _at_least(0),
+    "cleanse.calibrate_min_share": _fraction("[0, 1]"),
 }
 """Keys whose value is a number: the test it must pass, and how to say it."""
 

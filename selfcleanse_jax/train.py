@@ -270,9 +270,10 @@ class Trainer:
             supervision, self.num_classes, config.cleanse.soft_targets
         )
         # The classes a calibration may shift, from the given labels' sizes (fixed per run).
+        cleanse = config.cleanse
         self.calibrated = (
-            calibrated_classes(self.bank.given, self.num_classes, config.cleanse.calibrate_min_area)
-            if config.cleanse.calibrate or config.cleanse.calibrate_lfm
+            calibrated_classes(self.bank.given, self.num_classes, cleanse.calibrate_min_share)
+            if cleanse.calibrate or cleanse.calibrate_lfm
             else None
         )
         self.loss_history: list[np.ndarray] = []

@@ -274,15 +274,22 @@ def test_the_median_estimate_is_not_moved_by_a_trusted_slice_drawn_too_wide():
 
 def test_a_class_given_smaller_than_the_minimum_area_keeps_offset_0():
     """Disks of radius 8 (about 200 pixels) given on two slices and a lesion of 20 pixels on
-    three: with a minimum area of 150 the disks are calibrated and the lesions never, even in
-    a round whose trusted slices hold only a larger lesion; with 250 neither is."""
+    three: with a minimum share of 150 of the 2304 pixels the disks are calibrated and the
+    lesions never, even in a round whose trusted slices hold only a larger lesion; with 250
+    neither is."""
     yy, xx = np.mgrid[:48, :48] - 24
     disk = (np.hypot(yy, xx) < 8.0).astype(np.int32)
     lesion = np.where(np.hypot(yy - 16, xx - 16) < 2.5, 2, 0).astype(np.int32)
     given = np.stack([disk, disk, lesion, lesion, lesion])
-    np.testing.assert_array_equal(calibrated_classes(given, 3, 150), [True, False])
-    np.testing.assert_array_equal(calibrated_classes(given, 3, 250), [False, False])
+    pixels = given.shape[1] * given.shape[2]
+    np.testing.assert_array_equal(calibrated_classes(given, 3, 150 / pixels), [True, False])
+    np.testing.assert_array_equal(calibrated_classes(given, 3, 250 / pixels), [False, False])
     np.testing.assert_array_equal(calibrated_classes(given, 4, 0), [True, True, False])
+    # the same structures at twice the size pass or fail alike (the disks' 800 pixels would
+    # pass a fixed 250): the share follows the slice
+    doubled = given.repeat(2, axis=1).repeat(2, axis=2)
+    np.testing.assert_array_equal(calibrated_classes(doubled, 3, 150 / pixels), [True, False])
+    np.testing.assert_array_equal(calibrated_classes(doubled, 3, 250 / pixels), [False, False])
     probs = _disk_probs(48, radius=11.0)
     areas = np.asarray(margin_areas(np.stack([probs] * 2)))
     two = np.stack([disk] * 2)

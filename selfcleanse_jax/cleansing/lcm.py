@@ -249,14 +249,16 @@ CALIBRATION_ESTIMATES = ("pooled", "median")
 or the median over those slices of each one's predicted-to-given area ratio."""
 
 
-def calibrated_classes(given: np.ndarray, num_classes: int, min_area: float) -> np.ndarray:
+def calibrated_classes(given: np.ndarray, num_classes: int, min_share: float) -> np.ndarray:
     """Which foreground classes (K-1,) bool the calibration may shift: those whose median
-    area over all the given labels (N, H, W) that draw them is at least `min_area` pixels.
-    A structure a few pixels across is mostly outline, and its area tells a missed or extra
-    structure apart from a moved outline no better than chance. Decided once from every
-    given label, so that a round whose trusted slices happen to hold the larger lesions
-    cannot let a class of small ones in."""
+    area over all the given labels (N, H, W) that draw them is at least `min_share` of the
+    slice's H x W pixels. A structure a few pixels across is mostly outline, and its area
+    tells a missed or extra structure apart from a moved outline no better than chance.
+    Decided once from every given label, so that a round whose trusted slices happen to hold
+    the larger lesions cannot let a class of small ones in; a share of the slice, so that
+    the same structures pass at every image size."""
     given = np.asarray(given)
+    min_area = min_share * given.shape[1] * given.shape[2]
     calibrated = np.zeros(num_classes - 1, dtype=bool)
     for c in range(1, num_classes):
         areas = (given == c).sum(axis=(1, 2))
