@@ -234,15 +234,15 @@ def pipeline_samples_per_s(trainer: train.Trainer, epochs: int, slices: int = 0)
     from the target bank, shuffled and gathered on the host, as `train_epoch` reads them);
     with `slices`, over epochs of that many (the training slices repeated): grain's shuffle
     costs about the same per epoch below some 10^5 slices, so small epochs understate it."""
-    arrays = trainer.bank.arrays(trainer.dataset.train)
+    arrays = None
     if slices:
         rows = np.arange(slices) % len(trainer.dataset.train)
-        arrays = {name: array[rows] for name, array in arrays.items()}
-    source = pipeline.ArraySource(arrays)
-    batch_size = trainer.config.train.batch_size // jax.process_count()
+        arrays = {
+            name: array[rows] for name, array in trainer.bank.arrays(trainer.dataset.train).items()
+        }
     start, samples = time.perf_counter(), 0
     for epoch in range(epochs):
-        dataset = pipeline.epoch_dataset(source, batch_size, trainer.config.seed, epoch)
+        dataset = trainer.epoch_dataset(epoch, arrays)
         for batch in pipeline.epoch_iterator(dataset, trainer.config.train.data_workers):
             samples += len(batch["idx"])
     return samples / (time.perf_counter() - start)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grain
@@ -519,9 +519,14 @@ class Trainer:
         }
 
     # -- the loop --------------------------------------------------------------------------
-    def epoch_dataset(self, epoch: int) -> grain.MapDataset:
-        """This process's training batches of `epoch`, read from the bank as it is now."""
-        source = pipeline.ArraySource(self.bank.arrays(self.dataset.train))
+    def epoch_dataset(
+        self, epoch: int, arrays: Mapping[str, np.ndarray] | None = None
+    ) -> grain.MapDataset:
+        """This process's training batches of `epoch`, read from the bank as it is now (or
+        from `arrays`, rows in the bank's form)."""
+        source = pipeline.ArraySource(
+            self.bank.arrays(self.dataset.train) if arrays is None else arrays
+        )
         per_process = self.config.train.batch_size // jax.process_count()
         return pipeline.epoch_dataset(source, per_process, self.config.seed, epoch)
 

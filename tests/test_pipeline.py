@@ -56,10 +56,13 @@ def test_batches_are_grains_per_sample_shuffle_and_batch(process_index, process_
     """The batch-at-once gather reads exactly what grain's per-sample shuffle -> batch ->
     shard gives, so the order of every measured run is kept."""
     arrays = _arrays()
-    source = pipeline.ArraySource(arrays)
+    samples = [
+        {**{name: array[row] for name, array in arrays.items()}, "row": np.int32(row)}
+        for row in range(N)
+    ]
     usable = N // (3 * process_count) * 3 * process_count
     per_sample = (
-        grain.MapDataset.source(source)
+        grain.MapDataset.source(samples)
         .shuffle(seed=pipeline.shuffle_seed(6, 2))[:usable]
         .batch(3, drop_remainder=True)[process_index::process_count]
     )

@@ -25,8 +25,8 @@ import numpy as np
 
 
 class ArraySource:
-    """Random-access samples: sample i is row i of every array, plus `row` = i; `batch`
-    reads several rows at once.
+    """Rows of several arrays read together: `batch(rows)` gives each array's `rows` plus
+    `row`, the row numbers themselves.
 
     The arrays are read, not copied, so in-place updates are seen by later reads.
     """
@@ -42,11 +42,6 @@ class ArraySource:
 
     def __len__(self) -> int:
         return self._length
-
-    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
-        sample = {name: array[row] for name, array in self.arrays.items()}
-        sample["row"] = np.int32(row)
-        return sample
 
     def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Samples `rows` stacked in that order: one indexing of each array."""
