@@ -102,10 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.fallback = "given"  # given | ignore | disputed | band
     c.cleanse.band = 2  # fallback=band: unsure pixels this near a drawn outline (px) are ignored
     c.cleanse.edge_ignore = 0  # > 0: pseudo-labels teach no pixel this near (px) an outline
-    c.cleanse.calibrate = False  # LCM softmax shifted per class: trusted slices' areas as given
-    c.cleanse.calibrate_lfm = False  # the LFM's losses too, from the last round's trusted slices
-    c.cleanse.calibrate_estimate = "pooled"  # pooled (total area) | median (of per-slice ratios)
-    c.cleanse.calibrate_min_share = 0.0  # classes given smaller (median, share of H*W) keep 0
+    c.cleanse.calibrate = True  # LCM softmax shifted per class: trusted slices' areas as given
+    c.cleanse.calibrate_lfm = True  # the LFM's losses too, from the last round's trusted slices
+    c.cleanse.calibrate_estimate = "median"  # pooled (total area) | median (of per-slice ratios)
+    c.cleanse.calibrate_min_share = 0.0122  # classes given smaller (median, share of H*W) keep 0
     c.cleanse.soft_targets = False
     c.cleanse.temperature = 1.0
     c.cleanse.morph_radius = 0
@@ -141,9 +141,18 @@ def _merged(defaults: dict, saved: dict) -> dict:
     return merged
 
 
-LEGACY_VALUES = {"data": {"canonical": False, "slice_axis": "S"}}
+LEGACY_VALUES = {
+    "data": {"canonical": False, "slice_axis": "S"},
+    "cleanse": {
+        "calibrate": False,
+        "calibrate_lfm": False,
+        "calibrate_estimate": "pooled",
+        "calibrate_min_share": 0.0,
+    },
+}
 """Keys whose default is not what runs from before the key trained with: those runs did not
-reorient their volumes. A saved config that lacks one of these reads back with this value."""
+reorient their volumes, nor calibrate the LFM and LCM. A saved config that lacks one of these
+reads back with this value."""
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:

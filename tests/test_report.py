@@ -68,17 +68,21 @@ def test_a_runs_records_follow_the_schema(selfcleanse_run, tmp_path):
 
 
 def test_a_calibrated_run_records_its_offsets_in_every_round(train_run):
-    """With both calibration options, every round records the LFM's class offsets and every
-    round that flags slices the LCM's; the background's offset is 0. (The oracle flags make
-    the tiny run's rounds flag slices.)"""
-    options = {"cleanse.calibrate": True, "cleanse.calibrate_lfm": True, "cleanse.lfm_oracle": True}
-    workdir = train_run("calibrated", method="selfcleanse", **options)
+    """With both calibration options (the default), every round records the LFM's class
+    offsets and every round that flags slices the LCM's; the background's offset is 0; with
+    both off, no round records any. (The oracle flags make the tiny run's rounds flag.)"""
+    workdir = train_run("calibrated", method="selfcleanse", **{"cleanse.lfm_oracle": True})
     rounds = [line["cleanse"] for line in records.read_metrics(workdir) if "cleanse" in line]
     assert rounds and all(set(r) <= set(records.CleanseRecord.__annotations__) for r in rounds)
     for record in rounds:
         assert len(record["lfm_class_offsets"]) == 4 and record["lfm_class_offsets"][0] == 0.0
         assert ("class_offsets" in record) == (record["flagged"] > 0)
     assert any(r["flagged"] for r in rounds)
+    off = {"cleanse.calibrate": False, "cleanse.calibrate_lfm": False, "cleanse.lfm_oracle": True}
+    workdir = train_run("uncalibrated", method="selfcleanse", **off)
+    rounds = [line["cleanse"] for line in records.read_metrics(workdir) if "cleanse" in line]
+    assert any(r["flagged"] for r in rounds)
+    assert not any({"class_offsets", "lfm_class_offsets"} & set(r) for r in rounds)
 
 
 def _records(workdir):

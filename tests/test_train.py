@@ -14,6 +14,7 @@ import pytest
 from selfcleanse_jax import train
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
+from selfcleanse_jax.config import default_config
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.inference import load_config
 from selfcleanse_jax.models.unet import UNetConfig
@@ -470,10 +471,16 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
 def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tmp_path):
     saved = tiny_config(**{"cleanse.kappa": 0.6}).to_dict()
     del saved["model"]["weight_grad_parts"], saved["cleanse"]["lfm_loss"]
+    calibration = ["calibrate", "calibrate_lfm", "calibrate_estimate", "calibrate_min_share"]
+    for key in calibration:
+        del saved["cleanse"][key]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = load_config(tmp_path)
     assert config.cleanse.kappa == 0.6 and config.model.depth == saved["model"]["depth"]
     assert config.model.weight_grad_parts == 1 and config.cleanse.lfm_loss == "ce"
+    # Runs from before calibration existed trained without it, whatever today's default.
+    assert [config.cleanse[key] for key in calibration] == [False, False, "pooled", 0.0]
+    assert default_config().cleanse.calibrate and default_config().cleanse.calibrate_lfm
     assert UNetConfig.from_config(config.model, 1, 4).weight_grad_parts == 1
 
 
