@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from selfcleanse_jax import train
+from selfcleanse_jax import records, train
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.cleansing.gmm import split_clean_noisy
 from selfcleanse_jax.config import default_config
@@ -396,8 +396,14 @@ def test_ema_teacher_drives_the_lfm_and_survives_a_checkpoint(tmp_path, tiny_dat
     lfm = np.load(tmp_path / "dynamics" / "epoch_0001.npz")["lfm_loss"]
     table, given, size = tiny_dataset.train, trainer.bank.given, config.train.eval_batch_size
     steps = trainer.steps
-    _, teacher = train.evaluate_losses(steps, after_epoch_0, table, given, size, teacher=True)
-    _, student = train.evaluate_losses(steps, after_epoch_0, table, given, size)
+    (round_1,) = [r["cleanse"] for r in records.read_metrics(tmp_path) if r["epoch"] == 1]
+    offsets = np.asarray(round_1["lfm_class_offsets"], np.float32)  # the calibrated LFM's
+    _, teacher = train.evaluate_losses(
+        steps, after_epoch_0, table, given, size, teacher=True, class_offset=offsets
+    )
+    _, student = train.evaluate_losses(
+        steps, after_epoch_0, table, given, size, class_offset=offsets
+    )
     np.testing.assert_allclose(lfm, teacher, rtol=1e-5)
     assert not np.allclose(lfm, student, rtol=1e-3)
 
@@ -509,8 +515,15 @@ def test_slices_whose_drawn_structures_the_model_misses_keep_their_labels(tiny_d
         }
     )
     trainer = train.Trainer(config, "unused", tiny_dataset)
+    # The round's own view: the calibrated LFM's, offsets from every slice at the first round.
+    offsets = trainer.class_offsets(trainer.margin_areas(), np.arange(len(trainer.bank.given)))
     predictions, _ = train.evaluate_losses(
-        trainer.steps, trainer.state, tiny_dataset.train, trainer.bank.given, 32
+        trainer.steps,
+        trainer.state,
+        tiny_dataset.train,
+        trainer.bank.given,
+        32,
+        class_offset=offsets,
     )
     missed = unlearnt_structures(predictions, trainer.bank.given, 4, 0.1).any(axis=1)
     assert missed.any()
