@@ -43,7 +43,8 @@ from selfcleanse_jax.losses import (
 )
 from selfcleanse_jax.models.unet import (
     UNetConfig,
-    class_probabilities,
+    averaged_probabilities,
+    flip_logits,
     init_model,
     model_graphdefs,
 )
@@ -177,25 +178,17 @@ def _model(state: TrainState, graphdef: nnx.GraphDef, teacher: bool) -> nnx.Modu
     return nnx.merge(graphdef, params, state.batch_stats)
 
 
-def eval_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    graphdef: nnx.GraphDef,
-    config: StepConfig,
-    teacher: bool = False,
+def evaluate_logits(
+    logits: jax.Array, batch: dict, *, config: StepConfig
 ) -> tuple[jax.Array, jax.Array]:
-    """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses.
+    """Predicted labels (B, H, W) and per-sample losses of logits (B, H, W, K).
 
     The loss is against `batch["target"]` (for the LFM: the given, possibly noisy, label),
     with the Dice term weighted by `config.lfm_dice_weight` when set; with `config.lfm_loss`
-    "boundary", `boundary_disagreement` takes the place of the mean cross-entropy. With
-    `teacher`, the EMA teacher's forward pass (the model's own when there is none). An
+    "boundary", `boundary_disagreement` takes the place of the mean cross-entropy. An
     optional `batch["class_offset"]` (B, K) is subtracted from the logits first: labels and
     losses of the model's calibrated softmax (`lcm.calibrated_offsets`).
     """
-    model = _model(state, graphdef, teacher)
-    logits = model(batch["image"])
     if "class_offset" in batch:
         logits = logits - batch["class_offset"][:, None, None, :].astype(logits.dtype)
     targets, mask = label_targets(batch["target"], config.num_classes)
@@ -207,29 +200,74 @@ def eval_step(
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8), losses
 
 
-def cleanse_step(
+def eval_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    config: StepConfig,
+    teacher: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Forward pass without augmentation: predicted labels (B, H, W) and per-sample losses
+    against `batch["target"]` (`evaluate_logits`). With `teacher`, the EMA teacher's forward
+    pass (the model's own when there is none)."""
+    return evaluate_logits(_model(state, graphdef, teacher)(batch["image"]), batch, config=config)
+
+
+# A cleansing round runs the network once over the training slices (`round_forward_step`)
+# and keeps each batch's logits on the devices; the LFM's losses, the calibration's margin
+# areas and the LCM's pseudo-labels are then derived from them, batch by batch, without
+# another forward pass. Each derived step takes (logits, batch).
+
+
+def round_forward_step(
     state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
+) -> dict[str, jax.Array]:
+    """The round's one forward pass: the EMA teacher's logits (the model's when there is
+    none), and with `config.flip_average` those of the mirrored images (`flip_logits`)."""
+    return flip_logits(_model(state, graphdef, teacher=True), batch["image"], config.flip_average)
+
+
+def round_lfm_step(
+    logits: dict[str, jax.Array], batch: dict, *, config: StepConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The LFM's labels and losses against the given label (`evaluate_logits` of the plain,
+    unmirrored logits)."""
+    return evaluate_logits(logits["logits"], batch, config=config)
+
+
+def round_areas_step(logits: dict[str, jax.Array], batch: dict, *, config: StepConfig) -> jax.Array:
+    """`lcm.margin_areas` of the probabilities the LCM uses (B, len(OFFSET_GRID), K-1)."""
+    return margin_areas(averaged_probabilities(logits))
+
+
+def round_cleanse_step(
+    logits: dict[str, jax.Array], batch: dict, *, config: StepConfig
 ) -> tuple[jax.Array, jax.Array | None]:
     """LCM on device: pseudo-labels (B, H, W) uint8 and, with soft targets on, (B, H, W, K).
 
-    batch: image, target (the given label), clean_prob (B,) from the LFM and, optionally,
-    class_offset (B, K) (`lcm.calibrated_offsets`). The probabilities come from the EMA
-    teacher when there is one.
+    batch: target (the given label), clean_prob (B,) from the LFM and, optionally,
+    class_offset (B, K) (`lcm.calibrated_offsets`).
     """
-    model = _model(state, graphdef, teacher=True)
-    probs = class_probabilities(model, batch["image"], config.flip_average)
     hard, soft = cleanse_batch(
-        probs, batch["target"], batch["clean_prob"], config.lcm, batch.get("class_offset")
+        averaged_probabilities(logits),
+        batch["target"],
+        batch["clean_prob"],
+        config.lcm,
+        batch.get("class_offset"),
     )
     return hard.astype(jnp.uint8), (soft if config.soft_targets else None)
 
 
-def calibration_step(
-    state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, config: StepConfig
-) -> jax.Array:
-    """`lcm.margin_areas` of the probabilities the LCM uses (B, len(OFFSET_GRID), K-1)."""
-    model = _model(state, graphdef, teacher=True)
-    return margin_areas(class_probabilities(model, batch["image"], config.flip_average))
+@dataclasses.dataclass(frozen=True)
+class RoundForward:
+    """A round's forward pass over N slices: each batch's rows and its logits, left on the
+    devices as `round_forward_step` placed them (N x H x W x K floats, twice that with
+    `flip_average`, spread over the devices), each batch padded to `pad_to` rows."""
+
+    batches: list[tuple[np.ndarray, dict[str, jax.Array]]]
+    pad_to: int
+    size: int
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
@@ -289,8 +327,12 @@ class Steps:
             "eval_teacher": functools.partial(
                 eval_step, graphdef=eval_graphdef, config=config, teacher=True
             ),
-            "cleanse": functools.partial(cleanse_step, graphdef=eval_graphdef, config=config),
-            "calibrate": functools.partial(calibration_step, graphdef=eval_graphdef, config=config),
+            "round": functools.partial(round_forward_step, graphdef=eval_graphdef, config=config),
+        }
+        derived = {
+            "lfm": functools.partial(round_lfm_step, config=config),
+            "areas": functools.partial(round_areas_step, config=config),
+            "cleanse": functools.partial(round_cleanse_step, config=config),
         }
 
         if self.mode == "pmap":
@@ -309,7 +351,7 @@ class Steps:
             )
             self._forward = {
                 name: jax.pmap(fn, axis_name=AXIS, devices=pmap_devices)
-                for name, fn in forward.items()
+                for name, fn in (forward | derived).items()
             }
         else:
             # The steps are written for the global batch; XLA splits each over the mesh and
@@ -325,6 +367,9 @@ class Steps:
             self._forward = {
                 name: jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
                 for name, fn in forward.items()
+            } | {
+                name: jax.jit(fn, in_shardings=(rows, rows), out_shardings=rows)
+                for name, fn in derived.items()
             }
             # Several runs at once: the step mapped over a leading member axis.
             member_rows = NamedSharding(self.mesh, P(None, AXIS))
@@ -395,12 +440,17 @@ class Steps:
         x = self._flat(x)
         return distributed.gather(x) if distributed.several() else x
 
+    def _first_rows(self, x: jax.Array, n: int) -> jax.Array | np.ndarray:
+        return self._all_rows(x)[:n]
+
     def pad_batch(
         self, batch: dict[str, np.ndarray], pad_to: int = 0
     ) -> tuple[dict[str, np.ndarray], int]:
         """Pad the leading axis to at least `pad_to` rows and a multiple of the device count;
         return the true size. A fixed `pad_to` keeps one compiled shape for batches of any
         size (the last batch of a sweep, a round's flagged slices)."""
+        if not batch:
+            return batch, 0
         size = len(next(iter(batch.values())))
         padded = -(-max(size, pad_to) // self.num_devices) * self.num_devices
         if padded == size:
@@ -449,22 +499,51 @@ class Steps:
         EMA teacher."""
         return self._rows_of("eval_teacher" if teacher else "eval", state, batch, pad_to)
 
-    def cleanse(
-        self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """Pseudo-labels and soft targets (or None) (`cleanse_step`)."""
-        return self._rows_of("cleanse", state, batch, pad_to)
+    def round_forward(self, state: TrainState, images: np.ndarray, batch_size: int) -> RoundForward:
+        """A cleansing round's one forward pass over `images` (N, H, W, C), in batches of
+        `batch_size`, kept on the devices (`RoundForward`)."""
+        batches = []
+        for start in range(0, len(images), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(images)))
+            batch, _ = self.pad_batch({"image": images[rows]}, batch_size)
+            batches.append((rows, self._forward["round"](state, self.put_batch(self._mine(batch)))))
+        return RoundForward(batches, batch_size, len(images))
 
-    def calibrate(
-        self, state: TrainState, batch: dict[str, np.ndarray], pad_to: int = 0
-    ) -> jax.Array:
-        """The margin areas of the batch's images (`calibration_step`)."""
-        return self._rows_of("calibrate", state, batch, pad_to)
+    def from_round(
+        self,
+        step: str,
+        forward: RoundForward,
+        per_row: dict[str, np.ndarray],
+        only: np.ndarray | None = None,
+    ):
+        """A derived step's outputs ("lfm": `round_lfm_step`, "areas": `round_areas_step`,
+        "cleanse": `round_cleanse_step`) for every row of `forward`, or for the rows `only`
+        (sorted) in their order, fetched in one transfer. `per_row` holds the step's batch
+        inputs for all N rows; batches without a wanted row are skipped."""
+        wanted = np.ones(forward.size, bool)
+        if only is not None:
+            wanted[:] = False
+            wanted[only] = True
+        outputs, done = [], []
+        for rows, logits in forward.batches:
+            if not wanted[rows].any():
+                continue
+            batch, _ = self.pad_batch({k: v[rows] for k, v in per_row.items()}, forward.pad_to)
+            out = self._forward[step](logits, self.put_batch(self._mine(batch)))
+            outputs.append(jax.tree.map(functools.partial(self._first_rows, n=len(rows)), out))
+            done.append(rows)
+        if not outputs:
+            return None
+        merged = jax.tree.map(lambda *parts: np.concatenate(parts), *jax.device_get(outputs))
+        if only is None:
+            return merged
+        position = np.searchsorted(np.concatenate(done), only)
+        return jax.tree.map(lambda x: x[position], merged)
 
     @staticmethod
     def _mine(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This process's rows of a batch that every process holds whole."""
-        if not distributed.several():
+        if not batch or not distributed.several():
             return batch
         rows = distributed.my_rows(len(next(iter(batch.values()))))
         return {k: v[rows] for k, v in batch.items()}

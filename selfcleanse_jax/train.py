@@ -43,7 +43,7 @@ from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
 from selfcleanse_jax.models.unet import MODEL_FILE, UNetConfig
 from selfcleanse_jax.noise import NoiseRealisation, apply_noise, resolve_rate
-from selfcleanse_jax.steps import StepConfig, Steps, TrainState
+from selfcleanse_jax.steps import RoundForward, StepConfig, Steps, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -332,21 +332,20 @@ class Trainer:
         """LFM on the given labels, then (selfcleanse) LCM for the flagged samples."""
         c = self.config.cleanse
         train = self.dataset.train
-        # One sweep of the model's margin areas per round, when an offset is asked for.
-        areas = functools.cache(self.margin_areas)
+        # The round's one forward pass; what follows is derived from its logits on device.
+        forward = self.steps.round_forward(
+            self.state, train.images, self.config.train.eval_batch_size
+        )
+        # The margin areas, once per round, when an offset is asked for.
+        areas = functools.cache(lambda: self.steps.from_round("areas", forward, {}))
         lfm_offsets = None
         if c.calibrate_lfm:
             # Calibrated on the slices the round before trusted (at the first round, all).
             lfm_offsets = self.class_offsets(areas(), np.flatnonzero(~self.bank.flagged))
-        predictions, losses = evaluate_losses(
-            self.steps,
-            self.state,
-            train,
-            self.bank.given,
-            self.config.train.eval_batch_size,
-            teacher=True,
-            class_offset=lfm_offsets,
-        )
+        lfm_batch = {"target": self.bank.given}
+        if lfm_offsets is not None:
+            lfm_batch["class_offset"] = np.tile(lfm_offsets, (len(train), 1))
+        predictions, losses = self.steps.from_round("lfm", forward, lfm_batch)
         self.loss_history = (self.loss_history + [losses])[-c.loss_window :]
         result = split_clean_noisy(
             np.mean(self.loss_history, axis=0),
@@ -390,7 +389,7 @@ class Trainer:
             if c.calibrate and len(flagged):
                 trusted = np.flatnonzero(~bank.flagged & ~unlearnt.any(axis=1))
                 offsets = self.class_offsets(areas(), trusted)
-            self.cleanse_flagged(flagged, offsets)
+            self.cleanse_flagged(forward, flagged, offsets)
         distributed.check_same("target banks", bank.targets, bank.weights, bank.flagged)
         if self.board:
             labels = {"clean": train.labels, "given": bank.given, "target": bank.targets}
@@ -424,37 +423,21 @@ class Trainer:
                 }
         return record
 
-    def cleanse_flagged(self, flagged: np.ndarray, offsets: np.ndarray | None) -> None:
-        """The LCM's targets for the `flagged` rows, written into the bank: the batches queue
-        on the device and come back in one transfer."""
-        bank, images, size = self.bank, self.dataset.train.images, self.config.train.eval_batch_size
-        outputs = []
-        for rows in _in_batches(len(flagged), size):
-            chosen = flagged[rows]
-            batch = {
-                "image": images[chosen],
-                "target": bank.given[chosen],
-                "clean_prob": bank.clean_prob[chosen],
-            }
-            if offsets is not None:
-                batch["class_offset"] = np.tile(offsets, (len(chosen), 1))
-            outputs.append(self.steps.cleanse(self.state, batch, pad_to=size))
-        if not outputs:
+    def cleanse_flagged(
+        self, forward: RoundForward, flagged: np.ndarray, offsets: np.ndarray | None
+    ) -> None:
+        """The LCM's targets for the `flagged` rows (sorted), from the round's `forward`
+        pass, written into the bank."""
+        if not len(flagged):
             return
-        hard_labels, soft = (list(x) for x in zip(*jax.device_get(outputs), strict=True))
-        bank.targets[flagged] = np.concatenate(hard_labels)
-        if soft[0] is not None:
-            bank.soft[flagged] = np.concatenate(soft).astype(np.float16)
-
-    def margin_areas(self) -> np.ndarray:
-        """`lcm.margin_areas` of every training slice under the current state."""
-        size = self.config.train.eval_batch_size
-        images = self.dataset.train.images
-        areas = [
-            self.steps.calibrate(self.state, {"image": images[rows]}, pad_to=size)
-            for rows in _in_batches(len(images), size)
-        ]
-        return np.concatenate(jax.device_get(areas))
+        bank = self.bank
+        batch = {"target": bank.given, "clean_prob": bank.clean_prob}
+        if offsets is not None:
+            batch["class_offset"] = np.tile(offsets, (len(bank.given), 1))
+        hard, soft = self.steps.from_round("cleanse", forward, batch, only=flagged)
+        bank.targets[flagged] = hard
+        if soft is not None:
+            bank.soft[flagged] = soft.astype(np.float16)
 
     def class_offsets(self, areas: np.ndarray, trusted: np.ndarray) -> np.ndarray:
         """Class offsets (K,) calibrated on the `trusted` rows of the training set, from

@@ -73,7 +73,8 @@ def test_parallel_modes_give_the_same_update_with_either_norm(norm):
     """One step under pmap and under jit over 4 devices equals the single-device step: its
     parameters, optimizer state and batch statistics (BatchNorm averages its batch
     statistics over the whole global batch in every mode); so do the LFM's losses and
-    predictions and the LCM's pseudo-labels from the new state (6 rows, padded to 8)."""
+    predictions and the LCM's pseudo-labels of a cleansing round's forward pass from the new
+    state (6 rows, padded to 8)."""
     batch = _batch()
     rows = {"image": batch["image"][:6], "target": batch["target"][:6]}
     clean_prob = np.linspace(0.0, 1.0, 6, dtype=np.float32)
@@ -81,8 +82,10 @@ def test_parallel_modes_give_the_same_update_with_either_norm(norm):
     for mode in ("none", "pmap", "jit"):
         steps = _adam_steps(mode, norm)
         state, losses, _ = steps.train(steps.init_state(0), batch, jax.random.key(1))
-        predictions, lfm_losses = steps.evaluate(state, rows, pad_to=8)
-        pseudo, _ = steps.cleanse(state, {**rows, "clean_prob": clean_prob}, pad_to=8)
+        forward = steps.round_forward(state, rows["image"], 8)
+        predictions, lfm_losses = steps.from_round("lfm", forward, {"target": rows["target"]})
+        labels = {"target": rows["target"], "clean_prob": clean_prob}
+        pseudo, _ = steps.from_round("cleanse", forward, labels)
         outputs = [np.asarray(x) for x in (losses, lfm_losses, predictions, pseudo)]
         after[mode] = (steps.get_state(state), outputs)
     reference, (train_losses, lfm_losses, predictions, pseudo) = after["none"]
@@ -300,3 +303,38 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_in_every_parallel_mode(m
             np.testing.assert_array_equal(a, b)
     state, _, finite = steps.train(state, _batch(), jax.random.key(1))
     assert bool(finite) and int(steps.get_state(state).step) == 3
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_rounds_one_forward_pass_gives_what_separate_passes_give(flip):
+    """The LFM's labels and losses derived from the round's kept logits equal the teacher's
+    evaluation; its LCM pseudo-labels and margin areas equal those of the flip-averaged
+    softmax computed afresh; asking for some rows alone gives those rows' outputs."""
+    from flax import nnx
+
+    from selfcleanse_jax.cleansing.lcm import cleanse_batch, margin_areas
+    from selfcleanse_jax.models.unet import class_probabilities, model_graphdefs
+
+    config = dataclasses.replace(CONFIG, teacher_decay=0.9, flip_average=flip)
+    steps = Steps(MODEL, optax.sgd(0.5), config, parallel="jit")
+    state, _, _ = steps.train(steps.init_state(0), _batch(size=8), jax.random.key(1))
+    batch = _batch(seed=2, size=11)  # three batches of 4 rows, the last padded
+    forward = steps.round_forward(state, batch["image"], 4)
+    labels, losses = steps.from_round("lfm", forward, {"target": batch["target"]})
+    direct = steps.evaluate(state, {"image": batch["image"], "target": batch["target"]}, True)
+    np.testing.assert_array_equal(labels, direct[0])
+    np.testing.assert_allclose(losses, direct[1], rtol=1e-6)
+
+    kept = steps.get_state(state)
+    teacher = nnx.merge(model_graphdefs(MODEL)[1], kept.teacher, kept.batch_stats)
+    probs = class_probabilities(teacher, batch["image"], flip)
+    np.testing.assert_array_equal(steps.from_round("areas", forward, {}), margin_areas(probs))
+    clean_prob = np.linspace(0.0, 1.0, 11, dtype=np.float32)
+    inputs = {"target": batch["target"], "clean_prob": clean_prob}
+    pseudo, _ = steps.from_round("cleanse", forward, inputs)
+    expected, _ = cleanse_batch(probs, batch["target"], clean_prob, config.lcm)
+    assert np.mean(pseudo == np.asarray(expected)) > 0.999
+    some = np.array([1, 2, 9])
+    np.testing.assert_array_equal(
+        steps.from_round("cleanse", forward, inputs, only=some)[0], pseudo[some]
+    )

@@ -516,7 +516,9 @@ def test_slices_whose_drawn_structures_the_model_misses_keep_their_labels(tiny_d
     )
     trainer = train.Trainer(config, "unused", tiny_dataset)
     # The round's own view: the calibrated LFM's, offsets from every slice at the first round.
-    offsets = trainer.class_offsets(trainer.margin_areas(), np.arange(len(trainer.bank.given)))
+    forward = trainer.steps.round_forward(trainer.state, tiny_dataset.train.images, 32)
+    areas = trainer.steps.from_round("areas", forward, {})
+    offsets = trainer.class_offsets(areas, np.arange(len(trainer.bank.given)))
     predictions, _ = train.evaluate_losses(
         trainer.steps,
         trainer.state,

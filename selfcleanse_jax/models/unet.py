@@ -189,14 +189,28 @@ def model_graphdefs(model_config: UNetConfig) -> tuple[nnx.GraphDef, nnx.GraphDe
     return abstract_model(model_config)[:2]
 
 
+def flip_logits(model: UNet, images: jax.Array, flip: bool = False) -> dict[str, jax.Array]:
+    """Logits (B, H, W, K) of images (B, H, W, C) under "logits"; with `flip`, also those of
+    the horizontally mirrored images, mirrored back, under "mirrored"."""
+    logits = {"logits": model(images)}
+    if flip:
+        logits["mirrored"] = model(images[:, :, ::-1])[:, :, ::-1]
+    return logits
+
+
+def averaged_probabilities(logits: dict[str, jax.Array]) -> jax.Array:
+    """The softmax (B, H, W, K) of `flip_logits`' output: averaged with the mirrored pass's
+    when there is one."""
+    probs = jax.nn.softmax(logits["logits"], axis=-1)
+    if "mirrored" in logits:
+        probs = 0.5 * (probs + jax.nn.softmax(logits["mirrored"], axis=-1))
+    return probs
+
+
 def class_probabilities(model: UNet, images: jax.Array, flip: bool = False) -> jax.Array:
     """Softmax (B, H, W, K) of images (B, H, W, C); with `flip`, averaged with that of the
     horizontally mirrored images (mirrored back)."""
-    probs = jax.nn.softmax(model(images), axis=-1)
-    if flip:
-        mirrored = jax.nn.softmax(model(images[:, :, ::-1]), axis=-1)[:, :, ::-1]
-        probs = 0.5 * (probs + mirrored)
-    return probs
+    return averaged_probabilities(flip_logits(model, images, flip))
 
 
 def conv_flops_per_image(config: UNetConfig, height: int, width: int) -> float:
