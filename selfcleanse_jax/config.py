@@ -113,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.cleanse.unlearnt_weight = 3.0  # than this share of is not flagged, and has this weight
     c.cleanse.flip_average = False  # average the model's softmax with a mirrored pass
     c.cleanse.teacher_decay = 0.0  # > 0: LFM losses and LCM softmax from an EMA of the weights
+    c.cleanse.round_logits_gb = 4.0  # a round keeps its logits on device up to this; then reruns
     c.cleanse.lfm_oracle = False  # diagnostic: the LFM flags exactly the truly noisy slices
     c.cleanse.weight = 1.0  # lambda, the weight of the pseudo-labelled samples
     c.cleanse.ramp_epochs = 3

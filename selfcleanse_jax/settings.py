@@ -97,6 +97,7 @@ RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "cleanse.unlearnt_below": _fraction("[0, 1]"),
     "cleanse.unlearnt_weight": _at_least(0),
     "cleanse.teacher_decay": _fraction("[0, 1)"),
+    "cleanse.round_logits_gb": _at_least(0),
     "cleanse.weight": _at_least(0),
     "cleanse.ramp_epochs": _integer(0),
     "cleanse.calibrate_min_share": _fraction("[0, 1]"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -51,6 +52,8 @@ from selfcleanse_jax.models.unet import (
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "none", "shard_map")
 AXIS = "data"
+
+log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -261,13 +264,18 @@ def round_cleanse_step(
 
 @dataclasses.dataclass(frozen=True)
 class RoundForward:
-    """A round's forward pass over N slices: each batch's rows and its logits, left on the
-    devices as `round_forward_step` placed them (N x H x W x K floats, twice that with
-    `flip_average`, spread over the devices), each batch padded to `pad_to` rows."""
+    """A round's forward pass over N slices, batch by batch: each batch's rows and its
+    logits, left on the devices as `round_forward_step` placed them (N x H x W x K floats,
+    twice that with `flip_average`, spread over the devices), each batch padded to `pad_to`
+    rows. When the logits would not fit the budget `round_forward` was given, `logits` is
+    None, and each derived step runs the forward pass of its batch again from `state` and
+    `images` (the round's memory stays a batch's, at the cost of a pass per derived step)."""
 
-    batches: list[tuple[np.ndarray, dict[str, jax.Array]]]
+    batches: list[tuple[np.ndarray, dict[str, jax.Array] | None]]
     pad_to: int
     size: int
+    state: TrainState
+    images: np.ndarray
 
 
 def _data_mesh(devices: list) -> jax.sharding.Mesh:
@@ -499,15 +507,34 @@ class Steps:
         EMA teacher."""
         return self._rows_of("eval_teacher" if teacher else "eval", state, batch, pad_to)
 
-    def round_forward(self, state: TrainState, images: np.ndarray, batch_size: int) -> RoundForward:
+    def round_forward(
+        self, state: TrainState, images: np.ndarray, batch_size: int, keep_gb: float = np.inf
+    ) -> RoundForward:
         """A cleansing round's one forward pass over `images` (N, H, W, C), in batches of
-        `batch_size`, kept on the devices (`RoundForward`)."""
+        `batch_size`, kept on the devices (`RoundForward`) when its logits take at most
+        `keep_gb` GB on this process's devices, and left to each derived step otherwise."""
+        passes = 2 if self.config.flip_average else 1
+        logits_gb = passes * 4 * self.config.num_classes * images[..., 0].size / 1e9
+        keep = logits_gb / jax.process_count() <= keep_gb
+        if not keep:
+            log.info(
+                "the round's logits (%.1f GB) exceed cleanse.round_logits_gb (%g): each "
+                "derived step runs its own forward pass",
+                logits_gb,
+                keep_gb,
+            )
         batches = []
         for start in range(0, len(images), batch_size):
             rows = np.arange(start, min(start + batch_size, len(images)))
-            batch, _ = self.pad_batch({"image": images[rows]}, batch_size)
-            batches.append((rows, self._forward["round"](state, self.put_batch(self._mine(batch)))))
-        return RoundForward(batches, batch_size, len(images))
+            logits = self._round_logits(state, images[rows], batch_size) if keep else None
+            batches.append((rows, logits))
+        return RoundForward(batches, batch_size, len(images), state, images)
+
+    def _round_logits(
+        self, state: TrainState, images: np.ndarray, pad_to: int
+    ) -> dict[str, jax.Array]:
+        batch, _ = self.pad_batch({"image": images}, pad_to)
+        return self._forward["round"](state, self.put_batch(self._mine(batch)))
 
     def from_round(
         self,
@@ -528,6 +555,8 @@ class Steps:
         for rows, logits in forward.batches:
             if not wanted[rows].any():
                 continue
+            if logits is None:
+                logits = self._round_logits(forward.state, forward.images[rows], forward.pad_to)
             batch, _ = self.pad_batch({k: v[rows] for k, v in per_row.items()}, forward.pad_to)
             out = self._forward[step](logits, self.put_batch(self._mine(batch)))
             outputs.append(jax.tree.map(functools.partial(self._first_rows, n=len(rows)), out))

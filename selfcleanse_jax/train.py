@@ -334,7 +334,7 @@ class Trainer:
         train = self.dataset.train
         # The round's one forward pass; what follows is derived from its logits on device.
         forward = self.steps.round_forward(
-            self.state, train.images, self.config.train.eval_batch_size
+            self.state, train.images, self.config.train.eval_batch_size, c.round_logits_gb
         )
         # The margin areas, once per round, when an offset is asked for.
         areas = functools.cache(lambda: self.steps.from_round("areas", forward, {}))

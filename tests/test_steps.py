@@ -309,7 +309,8 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_in_every_parallel_mode(m
 def test_a_rounds_one_forward_pass_gives_what_separate_passes_give(flip):
     """The LFM's labels and losses derived from the round's kept logits equal the teacher's
     evaluation; its LCM pseudo-labels and margin areas equal those of the flip-averaged
-    softmax computed afresh; asking for some rows alone gives those rows' outputs."""
+    softmax computed afresh; asking for some rows alone gives those rows' outputs; a round
+    whose logits exceed its memory budget gives the same outputs."""
     from flax import nnx
 
     from selfcleanse_jax.cleansing.lcm import cleanse_batch, margin_areas
@@ -334,6 +335,12 @@ def test_a_rounds_one_forward_pass_gives_what_separate_passes_give(flip):
     pseudo, _ = steps.from_round("cleanse", forward, inputs)
     expected, _ = cleanse_batch(probs, batch["target"], clean_prob, config.lcm)
     assert np.mean(pseudo == np.asarray(expected)) > 0.999
+    # Past the memory budget each derived step runs its batch's forward pass again.
+    rerun = steps.round_forward(state, batch["image"], 4, keep_gb=0.0)
+    assert all(logits is None for _, logits in rerun.batches)
+    np.testing.assert_array_equal(steps.from_round("cleanse", rerun, inputs)[0], pseudo)
+    rerun_losses = steps.from_round("lfm", rerun, {"target": batch["target"]})[1]
+    np.testing.assert_array_equal(rerun_losses, losses)
     some = np.array([1, 2, 9])
     np.testing.assert_array_equal(
         steps.from_round("cleanse", forward, inputs, only=some)[0], pseudo[some]
