@@ -881,6 +881,7 @@ NON_RESULT_KEYS = frozenset(
         "train.nonfinite",
         "train.nonfinite_limit",
         "train.tensorboard",
+        "cleanse.round_logits_gb",
         "distributed.initialize",
         "distributed.coordinator",
         "distributed.num_processes",
