@@ -20,6 +20,20 @@ class Case:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     affine: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
 
+    @classmethod
+    def from_slices(
+        cls, name: str, slices: list[tuple[np.ndarray, np.ndarray]], spacing: tuple
+    ) -> Case:
+        """A volume from (image, label) slices (H, W) in z order, with a diagonal affine of
+        `spacing` (the phantoms' cases)."""
+        return cls(
+            name=name,
+            image=np.stack([s[0] for s in slices], axis=-1),
+            label=np.stack([s[1] for s in slices], axis=-1),
+            spacing=spacing,
+            affine=np.diag([*spacing, 1.0]),
+        )
+
 
 @dataclasses.dataclass
 class SliceTable:

@@ -358,10 +358,4 @@ def make_case(seed: int, case_number: int, image_size: int = 128, num_slices: in
         abdomen.fov_mm / image_size,
         float(step * abdomen.height_mm),
     )
-    return Case(
-        name=f"liver_{case_number:03d}",
-        image=np.stack([s[0] for s in slices], axis=-1),
-        label=np.stack([s[1] for s in slices], axis=-1),
-        spacing=spacing,
-        affine=np.diag([*spacing, 1.0]),
-    )
+    return Case.from_slices(f"liver_{case_number:03d}", slices, spacing)

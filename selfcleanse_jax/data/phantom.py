@@ -295,13 +295,7 @@ def make_case(seed: int, case_number: int, image_size: int = 128, num_slices: in
     fractions = np.linspace(0.0, 1.0, num_slices)
     slices = [_render_slice(rng, heart, body, float(f), image_size) for f in fractions]
     spacing = (body.fov_mm / image_size, body.fov_mm / image_size, body.slice_mm)
-    return Case(
-        name=f"phantom_{case_number:03d}",
-        image=np.stack([s[0] for s in slices], axis=-1),
-        label=np.stack([s[1] for s in slices], axis=-1),
-        spacing=spacing,
-        affine=np.diag([*spacing, 1.0]),
-    )
+    return Case.from_slices(f"phantom_{case_number:03d}", slices, spacing)
 
 
 def make_cases(
