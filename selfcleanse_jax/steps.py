@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -84,6 +85,12 @@ class StepConfig:
     def __post_init__(self):
         if self.lfm_loss not in LFM_LOSSES:
             raise ValueError(f"cleanse.lfm_loss must be one of {LFM_LOSSES}, got {self.lfm_loss!r}")
+
+
+def batch_rows(n: int, size: int) -> Iterator[np.ndarray]:
+    """The row indices of `n` rows in consecutive batches of at most `size`."""
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
 
 
 def _psum(x, axis_name: str | None):
@@ -273,7 +280,6 @@ class RoundForward:
 
     batches: list[tuple[np.ndarray, dict[str, jax.Array] | None]]
     pad_to: int
-    size: int
     state: TrainState
     images: np.ndarray
 
@@ -448,9 +454,6 @@ class Steps:
         x = self._flat(x)
         return distributed.gather(x) if distributed.several() else x
 
-    def _first_rows(self, x: jax.Array, n: int) -> jax.Array | np.ndarray:
-        return self._all_rows(x)[:n]
-
     def pad_batch(
         self, batch: dict[str, np.ndarray], pad_to: int = 0
     ) -> tuple[dict[str, np.ndarray], int]:
@@ -489,12 +492,14 @@ class Steps:
         placed = jax.device_put(batches, NamedSharding(self.mesh, P(None, AXIS)))
         return self._train_members(states, placed, keys)
 
-    def _rows_of(self, step: str, state: TrainState, batch: dict[str, np.ndarray], pad_to: int):
-        """Every row of a forward step's per-sample outputs for `batch`, padded to `pad_to`
-        rows (`pad_batch`) to run and cut back to its size."""
-        batch, size = self.pad_batch(batch, pad_to)
-        outputs = self._forward[step](state, self.put_batch(self._mine(batch)))
-        return jax.tree.map(lambda x: self._all_rows(x)[:size], outputs)
+    def _rows_of(self, step: str, first, batch: dict[str, np.ndarray], pad_to: int, size: int = 0):
+        """Every row of a step's per-sample outputs for `batch`, padded to `pad_to` rows
+        (`pad_batch`) to run and cut back to its size (or to `size` rows, for a batch whose
+        rows come in `first`: a round's logits). `first` is the step's first argument: the
+        state, or a round's logits."""
+        batch, rows = self.pad_batch(batch, pad_to)
+        outputs = self._forward[step](first, self.put_batch(self._mine(batch)))
+        return jax.tree.map(lambda x: self._all_rows(x)[: size or rows], outputs)
 
     def evaluate(
         self,
@@ -523,12 +528,11 @@ class Steps:
                 logits_gb,
                 keep_gb,
             )
-        batches = []
-        for start in range(0, len(images), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(images)))
-            logits = self._round_logits(state, images[rows], batch_size) if keep else None
-            batches.append((rows, logits))
-        return RoundForward(batches, batch_size, len(images), state, images)
+        batches = [
+            (rows, self._round_logits(state, images[rows], batch_size) if keep else None)
+            for rows in batch_rows(len(images), batch_size)
+        ]
+        return RoundForward(batches, batch_size, state, images)
 
     def _round_logits(
         self, state: TrainState, images: np.ndarray, pad_to: int
@@ -547,7 +551,7 @@ class Steps:
         "cleanse": `round_cleanse_step`) for every row of `forward`, or for the rows `only`
         (sorted) in their order, fetched in one transfer. `per_row` holds the step's batch
         inputs for all N rows; batches without a wanted row are skipped."""
-        wanted = np.ones(forward.size, bool)
+        wanted = np.ones(len(forward.images), bool)
         if only is not None:
             wanted[:] = False
             wanted[only] = True
@@ -557,9 +561,8 @@ class Steps:
                 continue
             if logits is None:
                 logits = self._round_logits(forward.state, forward.images[rows], forward.pad_to)
-            batch, _ = self.pad_batch({k: v[rows] for k, v in per_row.items()}, forward.pad_to)
-            out = self._forward[step](logits, self.put_batch(self._mine(batch)))
-            outputs.append(jax.tree.map(functools.partial(self._first_rows, n=len(rows)), out))
+            batch = {k: v[rows] for k, v in per_row.items()}
+            outputs.append(self._rows_of(step, logits, batch, forward.pad_to, len(rows)))
             done.append(rows)
         if not outputs:
             return None

@@ -43,7 +43,7 @@ from selfcleanse_jax.data.cases import SliceTable
 from selfcleanse_jax.data.loading import Dataset, load_dataset
 from selfcleanse_jax.models.unet import MODEL_FILE, UNetConfig
 from selfcleanse_jax.noise import NoiseRealisation, apply_noise, resolve_rate
-from selfcleanse_jax.steps import RoundForward, StepConfig, Steps, TrainState
+from selfcleanse_jax.steps import RoundForward, StepConfig, Steps, TrainState, batch_rows
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,6 @@ def step_config(config: ml_collections.ConfigDict, num_classes: int) -> StepConf
     )
 
 
-def _in_batches(n: int, size: int):
-    for start in range(0, n, size):
-        yield np.arange(start, min(start + size, n))
-
-
 def evaluate_losses(
     steps: Steps,
     state: TrainState,
@@ -212,7 +207,7 @@ def evaluate_losses(
     (with `teacher`: the EMA teacher's, when the run keeps one; with `class_offset` (K,): of
     the log-probabilities lowered by it, `eval_step`)."""
     predictions, losses = [], []
-    for idx in _in_batches(len(table), batch_size):
+    for idx in batch_rows(len(table), batch_size):
         batch = {"image": table.images[idx], "target": labels[idx]}
         if class_offset is not None:
             batch["class_offset"] = np.tile(class_offset, (len(idx), 1))
