@@ -1,5 +1,6 @@
-"""The convolution whose weight gradient is summed over parts of the batch: the same values
-and gradients as the plain one, to float tolerance."""
+"""The convolution whose weight gradient is summed over parts of the batch, and the U-Net's
+matrix-product upsampling: the same values and gradients as the plain layers, to float
+tolerance."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from selfcleanse_jax.models.conv import split_weight_grad_conv
-from selfcleanse_jax.models.unet import UNet, UNetConfig
+from selfcleanse_jax.models.unet import UNet, UNetConfig, Upsample
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,28 @@ def test_the_unets_parameter_gradients_equal_the_plain_ones():
 def test_parts_below_one_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         split_weight_grad_conv(0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_upsampling_is_the_transposed_convolution(dtype):
+    rngs = nnx.Rngs(0)
+    upsample = Upsample(6, 5, dtype=dtype, rngs=rngs)
+    transposed = nnx.ConvTranspose(6, 5, (2, 2), strides=(2, 2), dtype=dtype, rngs=rngs)
+    bias = jax.random.normal(jax.random.key(6), (5,))
+    upsample.bias[...] = transposed.bias[...] = bias
+    transposed.kernel[...] = upsample.kernel[...]
+    images = jax.random.normal(jax.random.key(7), (3, 4, 7, 6))
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == jnp.bfloat16 else {"atol": 1e-5}
+    np.testing.assert_allclose(upsample(images), transposed(images), **tolerance)
+
+    def gradients(layer):
+        graphdef, params = nnx.split(layer)
+        return jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2), (0, 1))(
+            params, images
+        )
+
+    for got, want in zip(
+        jax.tree.leaves(gradients(upsample)), jax.tree.leaves(gradients(transposed)), strict=True
+    ):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got / scale, want / scale, **tolerance)
