@@ -121,11 +121,13 @@ SPLIT_WEIGHT_GRAD_PARTS = 8
 """`model.weight_grad_parts` of the split-weight-gradient train figure: one part per image."""
 
 
-def split_weight_grad_step_seconds(trainer: train.Trainer, batch: dict, repeats: int) -> float:
-    """Seconds per train step of the same run with `model.weight_grad_parts` set, on the same
-    batch and data."""
+def weight_grad_parts_step_seconds(
+    trainer: train.Trainer, batch: dict, repeats: int, parts: int
+) -> float:
+    """Seconds per train step of the same run with `model.weight_grad_parts` set to `parts`,
+    on the same batch and data."""
     split = train.resolved_config(trainer.config)
-    split.model.weight_grad_parts = SPLIT_WEIGHT_GRAD_PARTS
+    split.model.weight_grad_parts = parts
     workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_split_")
     seconds = train_step_seconds(train.Trainer(split, workdir, trainer.dataset), batch, repeats)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -266,7 +268,8 @@ def run(quick: bool = False) -> dict:
     batch = _train_batch(trainer, 8)
     train_s = train_step_seconds(trainer, batch, repeats)
     parts_s = train_step_parts(trainer, batch, repeats)
-    split_s = split_weight_grad_step_seconds(trainer, batch, repeats)
+    split_s = weight_grad_parts_step_seconds(trainer, batch, repeats, SPLIT_WEIGHT_GRAD_PARTS)
+    plain_s = weight_grad_parts_step_seconds(trainer, batch, repeats, 1)
     members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
@@ -294,6 +297,7 @@ def run(quick: bool = False) -> dict:
         "image_size": [int(height), int(width)],
         "train_images_per_s": 8 / train_s,
         "train_images_per_s_split_weight_grad": 8 / split_s,
+        "train_images_per_s_plain_weight_grad": 8 / plain_s,
         "members": MEMBERS,
         "members_train_images_per_s": MEMBERS * 8 / members_s,
         "members_over_sequential": train_s * MEMBERS / members_s,

@@ -72,7 +72,7 @@ def _fraction(interval: str) -> tuple[Callable[[object], bool], str]:
 RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
     "model.depth": _integer(1),
     "model.base_width": _integer(1),
-    "model.weight_grad_parts": _integer(1),
+    "model.weight_grad_parts": _integer(0),
     "train.epochs": _integer(1),
     "train.batch_size": _integer(1),
     "train.eval_batch_size": _integer(1),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from selfcleanse_jax.models.conv import split_weight_grad_conv
+from selfcleanse_jax.models.conv import AUTO_PARTS, split_weight_grad_conv
 from selfcleanse_jax.models.unet import UNet, UNetConfig, Upsample
 
 
@@ -26,7 +26,7 @@ from selfcleanse_jax.models.unet import UNet, UNetConfig, Upsample
         },
     ],
 )
-@pytest.mark.parametrize("parts", [4])  # 4 does not divide the batch of 6: gcd, 2 parts
+@pytest.mark.parametrize("parts", [4, 0])  # 4 does not divide the batch of 6: gcd, 2 parts
 def test_values_and_gradients_equal_the_plain_convolution(settings, parts):
     keys = jax.random.split(jax.random.key(0), 3)
     nchw = settings.get("dimension_numbers", ("NHWC",))[0] == "NCHW"
@@ -45,7 +45,8 @@ def test_values_and_gradients_equal_the_plain_convolution(settings, parts):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_the_unets_parameter_gradients_equal_the_plain_ones():
+@pytest.mark.parametrize("parts", [2, 0])
+def test_the_unets_parameter_gradients_equal_the_plain_ones(parts):
     images = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     labels = jax.random.randint(jax.random.key(2), (4, 8, 8), 0, 3)
 
@@ -59,14 +60,30 @@ def test_the_unets_parameter_gradients_equal_the_plain_ones():
 
         return jax.jit(jax.grad(loss))(params)
 
-    plain, split = gradients(1), gradients(2)
+    plain, split = gradients(1), gradients(parts)
     for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_parts_below_one_are_refused():
-    with pytest.raises(ValueError, match="at least 1"):
-        split_weight_grad_conv(0)
+def test_parts_below_zero_are_refused():
+    with pytest.raises(ValueError, match="at least 0"):
+        split_weight_grad_conv(-1)
+
+
+@pytest.mark.parametrize("parts, weight_grads", [(0, AUTO_PARTS), (1, 1), (4, 4), (3, 1)])
+def test_the_weight_gradient_is_summed_over_the_parts_asked_for(parts, weight_grads):
+    # parts=0 takes AUTO_PARTS on the CPU backend (the tests' backend); 3 does not divide 8.
+    # The lowered gradient keeps one convolution per part (the forward pass and the input
+    # gradient are not needed for the weights' gradient of a sum).
+    settings = {"window_strides": (1, 1), "padding": "SAME"}
+    settings["dimension_numbers"] = ("NHWC", "HWIO", "NHWC")
+    keys = jax.random.split(jax.random.key(3))
+    lhs, rhs = jax.random.normal(keys[0], (8, 6, 6, 2)), jax.random.normal(keys[1], (3, 3, 2, 3))
+    conv = split_weight_grad_conv(parts)
+    gradient = jax.jit(jax.grad(lambda w: jnp.sum(conv(lhs, w, **settings))))
+    assert gradient.lower(rhs).as_text().count("stablehlo.convolution") == weight_grads
+    plain = jax.grad(lambda w: jnp.sum(lax.conv_general_dilated(lhs, w, **settings)))(rhs)
+    np.testing.assert_allclose(gradient(rhs), plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

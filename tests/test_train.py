@@ -461,14 +461,18 @@ def test_config_differences_skip_what_cannot_change_the_result():
 
 
 def test_a_key_an_older_run_lacks_counts_as_its_default():
-    saved = tiny_config().to_dict()
-    del saved["model"]["weight_grad_parts"]  # a run from before the key existed
-    requested = tiny_config().to_dict()
+    saved = tiny_config(method="selfcleanse").to_dict()
+    del saved["cleanse"]["lfm_loss"]  # a run from before the key existed
+    requested = tiny_config(method="selfcleanse").to_dict()
     assert train.config_differences(saved, requested) == []
-    requested["model"]["weight_grad_parts"] = 8
-    assert train.config_differences(saved, requested) == ["model.weight_grad_parts"]
+    requested["cleanse"]["lfm_loss"] = "boundary"
+    assert train.config_differences(saved, requested) == ["cleanse.lfm_loss"]
     del saved["data"]["canonical"]  # a run from before volumes were reoriented
+    assert train.config_differences(saved, requested) == ["cleanse.lfm_loss", "data.canonical"]
+    del saved["model"]["weight_grad_parts"]  # trained with XLA's weight gradient, whole
+    assert requested["model"]["weight_grad_parts"] == 0
     assert train.config_differences(saved, requested) == [
+        "cleanse.lfm_loss",
         "data.canonical",
         "model.weight_grad_parts",
     ]
@@ -488,6 +492,7 @@ def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tm
     assert [config.cleanse[key] for key in calibration] == [False, False, "pooled", 0.0]
     assert default_config().cleanse.calibrate and default_config().cleanse.calibrate_lfm
     assert UNetConfig.from_config(config.model, 1, 4).weight_grad_parts == 1
+    assert default_config().model.weight_grad_parts == 0
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):

@@ -15,12 +15,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+AUTO_PARTS = 8
+"""Parts of the batch (at most; a divisor of its size) that `parts=0` takes on the CPU
+backend; on other backends it takes 1, XLA's own weight gradient."""
+
 
 def split_weight_grad_conv(parts: int):
     """A drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`
-    takes it) whose weight gradient is summed over `parts` slices of the batch; 1 is plain."""
-    if parts < 1:
-        raise ValueError(f"parts must be at least 1, got {parts}")
+    takes it) whose weight gradient is summed over `parts` slices of the batch; 1 is plain,
+    0 is `AUTO_PARTS` on the CPU backend and 1 elsewhere (the backend the step compiles for)."""
+    if parts < 0:
+        raise ValueError(f"parts must be at least 0, got {parts}")
 
     def conv(lhs, rhs, window_strides, padding, **settings):
         if parts == 1 or settings.get("batch_group_count", 1) != 1:
@@ -57,6 +62,8 @@ def _conv_bwd(static, parts, residuals, cotangent):
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, settings.get("dimension_numbers"))
     batch_axis = numbers.lhs_spec[0]
     lhs_grad = jax.vjp(lambda x: _plain(x, rhs, static), lhs)[1](cotangent)[0]
+    if parts == 0:
+        parts = AUTO_PARTS if jax.default_backend() == "cpu" else 1
     pieces = math.gcd(parts, lhs.shape[batch_axis])
     rhs_grad = sum(
         jax.vjp(lambda w, x=x: _plain(x, w, static), rhs)[1](g)[0]

@@ -37,7 +37,7 @@ class UNetConfig:
     norm: str = "instance"
     group_size: int = 8
     compute_dtype: str = "float32"
-    weight_grad_parts: int = 1  # > 1: 3x3 weight gradients summed over parts of the batch
+    weight_grad_parts: int = 0  # 3x3 weight gradients summed over parts of the batch (conv.py)
     batch_norm_axis: str | None = None  # a mapped axis over which BatchNorm takes its statistics
 
     @classmethod
