@@ -23,9 +23,11 @@ backend; on other backends it takes 1, XLA's own weight gradient."""
 def split_weight_grad_conv(parts: int):
     """A drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`
     takes it) whose weight gradient is summed over `parts` slices of the batch; 1 is plain,
-    0 is `AUTO_PARTS` on the CPU backend and 1 elsewhere (the backend the step compiles for)."""
+    0 is `AUTO_PARTS` when JAX's default backend is the CPU and 1 (plain) elsewhere."""
     if parts < 0:
         raise ValueError(f"parts must be at least 0, got {parts}")
+    if parts == 0:
+        parts = AUTO_PARTS if jax.default_backend() == "cpu" else 1
 
     def conv(lhs, rhs, window_strides, padding, **settings):
         if parts == 1 or settings.get("batch_group_count", 1) != 1:
@@ -62,8 +64,6 @@ def _conv_bwd(static, parts, residuals, cotangent):
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, settings.get("dimension_numbers"))
     batch_axis = numbers.lhs_spec[0]
     lhs_grad = jax.vjp(lambda x: _plain(x, rhs, static), lhs)[1](cotangent)[0]
-    if parts == 0:
-        parts = AUTO_PARTS if jax.default_backend() == "cpu" else 1
     pieces = math.gcd(parts, lhs.shape[batch_axis])
     rhs_grad = sum(
         jax.vjp(lambda w, x=x: _plain(x, w, static), rhs)[1](g)[0]
