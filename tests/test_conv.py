@@ -109,3 +109,22 @@ def test_the_upsampling_is_the_transposed_convolution(dtype):
     ):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(got / scale, want / scale, **tolerance)
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_the_upsampling_runs_on_a_batch_split_over_a_mesh(axis_type):
+    # inference's mesh comes from jax.make_mesh, whose axes are explicit by default
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    upsample = Upsample(6, 5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(upsample)
+    images = jax.random.normal(jax.random.key(8), (8, 4, 4, 6))
+    run = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    split = jax.device_put(
+        images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+    out = run(
+        jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+        split,
+    )
+    assert len(out.sharding.device_set) == 4
+    np.testing.assert_allclose(out, upsample(images), rtol=1e-6, atol=1e-6)

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax import atomic
 from selfcleanse_jax.models.conv import split_weight_grad_conv
@@ -137,7 +139,14 @@ class Upsample(nnx.ConvTranspose):
         batch, height, width, _ = x.shape
         # lax.conv_transpose correlates with the kernel flipped in space
         blocks = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1])
-        return blocks.reshape(batch, 2 * height, 2 * width, -1) + bias
+        # under explicit sharding a reshape names its output's: the batch's and features' kept
+        sharding = jax.typeof(blocks).sharding
+        if sharding.mesh.axis_names:
+            sharding = sharding.update(spec=P(sharding.spec[0], None, None, sharding.spec[-1]))
+        else:
+            sharding = None
+        shape = (batch, 2 * height, 2 * width, blocks.shape[-1])
+        return lax.reshape(blocks, shape, out_sharding=sharding) + bias
 
 
 class UNet(nnx.Module):
