@@ -82,8 +82,11 @@ def _results(workdir: Path) -> dict:
     summary = json.loads((workdir / "summary.json").read_text())
     for record in [*metrics, summary]:
         record.pop("seconds")
+    # the records `report` reads: a process killed inside a write leaves its temporary file
+    # (`.PID.partial.epoch_*.npz`), which is no record
     dynamics = {
-        path.name: dict(np.load(path)) for path in sorted((workdir / "dynamics").glob("*.npz"))
+        path.name: dict(np.load(path))
+        for path in sorted((workdir / "dynamics").glob("epoch_*.npz"))
     }
     checkpointer = Checkpointer(workdir, read_only=True)
     step = checkpointer.latest_step()
