@@ -30,6 +30,7 @@ from selfcleanse_jax.config import default_config
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.losses import label_targets, per_sample_loss
+from selfcleanse_jax.models.conv import resolve_parts
 from selfcleanse_jax.models.unet import conv_flops_per_image
 
 
@@ -268,8 +269,14 @@ def run(quick: bool = False) -> dict:
     batch = _train_batch(trainer, 8)
     train_s = train_step_seconds(trainer, batch, repeats)
     parts_s = train_step_parts(trainer, batch, repeats)
-    split_s = weight_grad_parts_step_seconds(trainer, batch, repeats, SPLIT_WEIGHT_GRAD_PARTS)
-    plain_s = weight_grad_parts_step_seconds(trainer, batch, repeats, 1)
+    default_parts = resolve_parts(trainer.config.model.weight_grad_parts)
+
+    def parts_step_s(parts: int) -> float:  # the default's parts: the step just timed
+        if parts == default_parts:
+            return train_s
+        return weight_grad_parts_step_seconds(trainer, batch, repeats, parts)
+
+    split_s, plain_s = parts_step_s(SPLIT_WEIGHT_GRAD_PARTS), parts_step_s(1)
     members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])

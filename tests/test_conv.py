@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from selfcleanse_jax.models.conv import AUTO_PARTS, split_weight_grad_conv
 from selfcleanse_jax.models.unet import UNet, UNetConfig, Upsample
@@ -119,12 +120,7 @@ def test_the_upsampling_runs_on_a_batch_split_over_a_mesh(axis_type):
     graphdef, params = nnx.split(upsample)
     images = jax.random.normal(jax.random.key(8), (8, 4, 4, 6))
     run = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-    split = jax.device_put(
-        images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    )
-    out = run(
-        jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-        split,
-    )
+    split = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
+    out = run(jax.device_put(params, NamedSharding(mesh, PartitionSpec())), split)
     assert len(out.sharding.device_set) == 4
     np.testing.assert_allclose(out, upsample(images), rtol=1e-6, atol=1e-6)

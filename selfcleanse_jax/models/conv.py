@@ -20,14 +20,21 @@ AUTO_PARTS = 8
 backend; on other backends it takes 1, XLA's own weight gradient."""
 
 
-def split_weight_grad_conv(parts: int):
-    """A drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`
-    takes it) whose weight gradient is summed over `parts` slices of the batch; 1 is plain,
-    0 is `AUTO_PARTS` when JAX's default backend is the CPU and 1 (plain) elsewhere."""
+def resolve_parts(parts: int) -> int:
+    """`model.weight_grad_parts` as the convolution takes it: 0 is `AUTO_PARTS` when JAX's
+    default backend is the CPU and 1 (plain) elsewhere."""
     if parts < 0:
         raise ValueError(f"parts must be at least 0, got {parts}")
     if parts == 0:
-        parts = AUTO_PARTS if jax.default_backend() == "cpu" else 1
+        return AUTO_PARTS if jax.default_backend() == "cpu" else 1
+    return parts
+
+
+def split_weight_grad_conv(parts: int):
+    """A drop-in for `lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)`
+    takes it) whose weight gradient is summed over `parts` slices of the batch (see
+    `resolve_parts`); 1 is plain."""
+    parts = resolve_parts(parts)
 
     def conv(lhs, rhs, window_strides, padding, **settings):
         if parts == 1 or settings.get("batch_group_count", 1) != 1:
