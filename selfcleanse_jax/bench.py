@@ -7,6 +7,7 @@ synchronised (`block_until_ready`) before the clock stops.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from selfcleanse_jax.config import default_config
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.losses import label_targets, per_sample_loss
-from selfcleanse_jax.models.conv import resolve_parts
+from selfcleanse_jax.models.conv import CPU_CONV_LIBRARIES, compiler_options, resolve_parts
 from selfcleanse_jax.models.unet import conv_flops_per_image
 
 
@@ -122,15 +123,14 @@ SPLIT_WEIGHT_GRAD_PARTS = 8
 """`model.weight_grad_parts` of the split-weight-gradient train figure: one part per image."""
 
 
-def weight_grad_parts_step_seconds(
-    trainer: train.Trainer, batch: dict, repeats: int, parts: int
-) -> float:
-    """Seconds per train step of the same run with `model.weight_grad_parts` set to `parts`,
-    on the same batch and data."""
-    split = train.resolved_config(trainer.config)
-    split.model.weight_grad_parts = parts
-    workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_split_")
-    seconds = train_step_seconds(train.Trainer(split, workdir, trainer.dataset), batch, repeats)
+def variant_step_seconds(trainer: train.Trainer, batch: dict, repeats: int, **model) -> float:
+    """Seconds per train step of the same run with `model` keys overriding its U-Net's
+    (`weight_grad_parts`, `cpu_conv_library`), on the same batch and data."""
+    variant = train.resolved_config(trainer.config)
+    for key, value in model.items():
+        variant.model[key] = value
+    workdir = tempfile.mkdtemp(prefix="selfcleanse_bench_variant_")
+    seconds = train_step_seconds(train.Trainer(variant, workdir, trainer.dataset), batch, repeats)
     shutil.rmtree(workdir, ignore_errors=True)
     return seconds
 
@@ -205,12 +205,15 @@ def train_step_parts(trainer: train.Trainer, batch: dict, repeats: int) -> dict:
             per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
         )
 
-    augment = jax.jit(lambda key: augment_batch(key, idx, images, targets, mask, config.augment))
-    forward = jax.jit(loss)
-    input_grad = jax.jit(jax.grad(loss, argnums=1))
-    param_grad = jax.jit(jax.grad(loss))
+    jit = functools.partial(
+        jax.jit, compiler_options=compiler_options(steps.model_config.cpu_conv_library)
+    )
+    augment = jit(lambda key: augment_batch(key, idx, images, targets, mask, config.augment))
+    forward = jit(loss)
+    input_grad = jit(jax.grad(loss, argnums=1))
+    param_grad = jit(jax.grad(loss))
     grads = param_grad(state.params, images)
-    update = jax.jit(lambda grads, opt_state, params: steps.tx.update(grads, opt_state, params))
+    update = jit(lambda grads, opt_state, params: steps.tx.update(grads, opt_state, params))
     key = jax.random.key(0)
     return {
         "augment": _timed(lambda: augment(key), repeats),
@@ -274,9 +277,15 @@ def run(quick: bool = False) -> dict:
     def parts_step_s(parts: int) -> float:  # the default's parts: the step just timed
         if parts == default_parts:
             return train_s
-        return weight_grad_parts_step_seconds(trainer, batch, repeats, parts)
+        return variant_step_seconds(trainer, batch, repeats, weight_grad_parts=parts)
+
+    def library_step_s(library: str) -> float:
+        if library == trainer.config.model.cpu_conv_library:
+            return train_s
+        return variant_step_seconds(trainer, batch, repeats, cpu_conv_library=library)
 
     split_s, plain_s = parts_step_s(SPLIT_WEIGHT_GRAD_PARTS), parts_step_s(1)
+    library_s = {library: library_step_s(library) for library in CPU_CONV_LIBRARIES}
     members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
@@ -295,7 +304,7 @@ def run(quick: bool = False) -> dict:
     height, width = table.images.shape[1:3]
     forward_flops = conv_flops_per_image(steps.model_config, height, width)
     train_flops = 3 * forward_flops * 8 / train_s
-    fastest_train = 8 / min(train_s, split_s)
+    fastest_train = 8 / min(train_s, split_s, *library_s.values())
     return {
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "num_devices": steps.num_devices,
@@ -305,6 +314,7 @@ def run(quick: bool = False) -> dict:
         "train_images_per_s": 8 / train_s,
         "train_images_per_s_split_weight_grad": 8 / split_s,
         "train_images_per_s_plain_weight_grad": 8 / plain_s,
+        **{f"train_images_per_s_{name}_conv": 8 / s for name, s in library_s.items()},
         "members": MEMBERS,
         "members_train_images_per_s": MEMBERS * 8 / members_s,
         "members_over_sequential": train_s * MEMBERS / members_s,

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.config import with_defaults
 from selfcleanse_jax.data.preprocess import PreprocessSettings
+from selfcleanse_jax.models.conv import compiler_options
 from selfcleanse_jax.models.unet import (
     UNetConfig,
     abstract_model,
@@ -109,7 +110,10 @@ class TrainedModel:
         graphdef = model_graphdefs(self.model_config)[1]  # eval mode: running BatchNorm stats
 
         @functools.partial(
-            jax.jit, static_argnames="flip", out_shardings=NamedSharding(self._mesh, P("data"))
+            jax.jit,
+            static_argnames="flip",
+            out_shardings=NamedSharding(self._mesh, P("data")),
+            compiler_options=compiler_options(self.model_config.cpu_conv_library),
         )
         def labels(weights, images, flip):
             model = nnx.merge(graphdef, *weights)

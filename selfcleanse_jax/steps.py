@@ -7,10 +7,12 @@ Each step is a pure function of (state, batch, key). `Steps` runs them in one of
   `('data',)` mesh of the devices; XLA adds the collectives: the gradient's sum over the
   devices and BatchNorm's statistics over the whole batch. On one device it is plain jit;
   `none` is the same on the first device alone, and `shard_map` is read as `jit` (this path's
-  name before it became plain jit).
+  name before it became plain jit). Its functions compile with `model.cpu_conv_library`'s
+  options (`models/conv.py`).
 - `pmap`: `jax.pmap` over the devices, state replicated with a leading device axis; the
   same step is told the axis name, sums its gradient with `lax.psum` and takes BatchNorm's
-  statistics over the axis, so that it computes the same update.
+  statistics over the axis, so that it computes the same update. `jax.pmap` takes no
+  compiler options: on the CPU its convolutions run on XLA's default library.
 
 With several processes (`selfcleanse_jax.distributed`), the mesh spans every process's
 devices and pmap's collectives span them too: each process feeds its own rows of the global
@@ -43,6 +45,7 @@ from selfcleanse_jax.losses import (
     label_targets,
     per_sample_loss,
 )
+from selfcleanse_jax.models.conv import compiler_options
 from selfcleanse_jax.models.unet import (
     UNetConfig,
     averaged_probabilities,
@@ -372,22 +375,25 @@ class Steps:
             # adds the collectives (the gradient's sum, BatchNorm's batch statistics).
             self.mesh = _data_mesh(jax.devices() if distributed.several() else self.devices)
             replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
-            self._train = jax.jit(
+            jit = functools.partial(
+                jax.jit, compiler_options=compiler_options(model_config.cpu_conv_library)
+            )
+            self._train = jit(
                 train,
                 in_shardings=(replicated, rows, replicated),
                 out_shardings=(replicated, rows, replicated),
                 donate_argnums=0,
             )
             self._forward = {
-                name: jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
+                name: jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
                 for name, fn in forward.items()
             } | {
-                name: jax.jit(fn, in_shardings=(rows, rows), out_shardings=rows)
+                name: jit(fn, in_shardings=(rows, rows), out_shardings=rows)
                 for name, fn in derived.items()
             }
             # Several runs at once: the step mapped over a leading member axis.
             member_rows = NamedSharding(self.mesh, P(None, AXIS))
-            self._train_members = jax.jit(
+            self._train_members = jit(
                 jax.vmap(train),
                 in_shardings=(replicated, member_rows, replicated),
                 out_shardings=(replicated, member_rows, replicated),

@@ -1,17 +1,27 @@
 """The convolution whose weight gradient is summed over parts of the batch, and the U-Net's
 matrix-product upsampling: the same values and gradients as the plain layers, to float
-tolerance."""
+tolerance. `model.cpu_conv_library` decides which library runs the convolutions on the CPU."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from selfcleanse_jax.models.conv import AUTO_PARTS, split_weight_grad_conv
+from selfcleanse_jax.augment import AugmentConfig
+from selfcleanse_jax.models.conv import (
+    AUTO_PARTS,
+    CPU_CONV_LIBRARIES,
+    compiler_options,
+    split_weight_grad_conv,
+)
 from selfcleanse_jax.models.unet import UNet, UNetConfig, Upsample
+from selfcleanse_jax.steps import StepConfig, Steps
 
 
 @pytest.mark.parametrize(
@@ -124,3 +134,76 @@ def test_the_upsampling_runs_on_a_batch_split_over_a_mesh(axis_type):
     out = run(jax.device_put(params, NamedSharding(mesh, PartitionSpec())), split)
     assert len(out.sharding.device_set) == 4
     np.testing.assert_allclose(out, upsample(images), rtol=1e-6, atol=1e-6)
+
+
+def _ynn_convolutions(compiled_hlo: str) -> int:
+    """Convolutions that XLA's compiled module hands to YNNPACK: those inside a YNN fusion."""
+    bodies = dict(re.findall(r"^%(\S+) \(.*?\{\n(.*?)\n\}", compiled_hlo, re.M | re.S))
+    called = re.findall(r"calls=%(\S+?),[^\n]*__ynn_fusion", compiled_hlo)
+    return sum(bodies.get(name, "").count("convolution(") for name in called)
+
+
+def _one_step_inputs(library: str):
+    """Steps of a U-Net with the shapes YNNPACK takes at 64x64 (32 channels), a batch of 8
+    and a key. No augmentation: its resampled labels flip where the libraries' rounding
+    differs, which would hide the convolutions' own agreement."""
+    model = UNetConfig(num_classes=3, depth=1, base_width=32, cpu_conv_library=library)
+    config = StepConfig(num_classes=3, augment=AugmentConfig(enabled=False))
+    steps = Steps(model, optax.sgd(0.1), config, parallel="none")
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(8, 64, 64, 1)).astype(np.float32),
+        "target": rng.integers(0, 3, (8, 64, 64)).astype(np.uint8),
+        "weight": np.ones(8, np.float32),
+        "idx": np.arange(8, dtype=np.int32),
+    }
+    return steps, batch, jax.random.key(0)
+
+
+def _train_step_hlo(library: str) -> str:
+    steps, batch, key = _one_step_inputs(library)
+    lowered = steps._train.lower(steps.init_state(0), steps.put_batch(batch), steps.put_key(key))
+    return lowered.compile().as_text()
+
+
+@pytest.mark.parametrize("library", CPU_CONV_LIBRARIES)
+def test_the_cpu_conv_library_runs_the_convolutions_of_a_conv_and_of_the_train_step(library):
+    # XLA hands a convolution to YNNPACK only where its cost model finds it worth it: these
+    # shapes are the U-Net's at 64x64 with 32 channels, which it takes.
+    options = compiler_options(library)
+    if options is None:
+        pytest.skip("this XLA's CPU backend has no YNNPACK fusions")
+    settings = {"window_strides": (1, 1), "padding": "SAME"}
+    settings["dimension_numbers"] = ("NHWC", "HWIO", "NHWC")
+    conv = jax.jit(
+        lambda x, w: lax.conv_general_dilated(x, w, **settings), compiler_options=options
+    )
+    hlo = conv.lower(jnp.zeros((8, 64, 64, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text()
+    assert _ynn_convolutions(hlo) == (1 if library == "ynnpack" else 0)
+    step_convolutions = _ynn_convolutions(_train_step_hlo(library))
+    assert step_convolutions > 0 if library == "ynnpack" else step_convolutions == 0
+
+
+def test_an_unknown_cpu_conv_library_is_refused():
+    with pytest.raises(ValueError, match="model.cpu_conv_library must be one of"):
+        compiler_options("onednn")
+
+
+def test_both_cpu_conv_libraries_take_the_same_train_step():
+    # the same losses, and the same update to float rounding: each leaf's update within
+    # 1e-4 of its largest entry
+    losses, updates = [], []
+    for library in CPU_CONV_LIBRARIES:
+        steps, batch, key = _one_step_inputs(library)
+        start = steps.init_state(0)
+        before = jax.tree.leaves(steps.get_state(start).params)
+        state, step_losses, finite = steps.train(start, batch, key)
+        assert bool(finite)
+        losses.append(np.asarray(step_losses))
+        after = jax.tree.leaves(steps.get_state(state).params)
+        updates.append([np.asarray(a) - np.asarray(b) for a, b in zip(after, before, strict=True)])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for got, want in zip(*updates, strict=True):
+        scale = np.max(np.abs(want))
+        assert scale > 0
+        np.testing.assert_allclose(got / scale, want / scale, atol=1e-4)

@@ -469,18 +469,19 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
     assert train.config_differences(saved, requested) == ["cleanse.lfm_loss"]
     del saved["data"]["canonical"]  # a run from before volumes were reoriented
     assert train.config_differences(saved, requested) == ["cleanse.lfm_loss", "data.canonical"]
-    del saved["model"]["weight_grad_parts"]  # trained with XLA's weight gradient, whole
-    assert requested["model"]["weight_grad_parts"] == 0
+    del saved["model"]["cpu_conv_library"]  # its CPU convolutions ran on XLA's default
+    assert requested["model"]["cpu_conv_library"] == "eigen"
     assert train.config_differences(saved, requested) == [
         "cleanse.lfm_loss",
         "data.canonical",
-        "model.weight_grad_parts",
+        "model.cpu_conv_library",
     ]
 
 
 def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tmp_path):
     saved = tiny_config(**{"cleanse.kappa": 0.6}).to_dict()
     del saved["model"]["weight_grad_parts"], saved["cleanse"]["lfm_loss"]
+    del saved["model"]["cpu_conv_library"]
     calibration = ["calibrate", "calibrate_lfm", "calibrate_estimate", "calibrate_min_share"]
     for key in calibration:
         del saved["cleanse"][key]
@@ -491,8 +492,10 @@ def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tm
     # Runs from before calibration existed trained without it, whatever today's default.
     assert [config.cleanse[key] for key in calibration] == [False, False, "pooled", 0.0]
     assert default_config().cleanse.calibrate and default_config().cleanse.calibrate_lfm
-    assert UNetConfig.from_config(config.model, 1, 4).weight_grad_parts == 1
-    assert default_config().model.weight_grad_parts == 0
+    # Their CPU convolutions ran on XLA's default library, YNNPACK.
+    assert config.model.cpu_conv_library == "ynnpack"
+    assert UNetConfig.from_config(config.model, 1, 4).cpu_conv_library == "ynnpack"
+    assert default_config().model.cpu_conv_library == "eigen"
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):

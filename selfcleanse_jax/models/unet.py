@@ -39,7 +39,8 @@ class UNetConfig:
     norm: str = "instance"
     group_size: int = 8
     compute_dtype: str = "float32"
-    weight_grad_parts: int = 0  # 3x3 weight gradients summed over parts of the batch (conv.py)
+    weight_grad_parts: int = 1  # 3x3 weight gradients summed over parts of the batch (conv.py)
+    cpu_conv_library: str = "eigen"  # what runs the convolutions on the CPU backend (conv.py)
     batch_norm_axis: str | None = None  # a mapped axis over which BatchNorm takes its statistics
 
     @classmethod
@@ -54,6 +55,7 @@ class UNetConfig:
             norm=model.norm,
             compute_dtype=model.compute_dtype,
             weight_grad_parts=model.weight_grad_parts,
+            cpu_conv_library=model.cpu_conv_library,
         )
 
     def save(self, workdir: Path) -> None:
