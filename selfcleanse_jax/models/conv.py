@@ -2,8 +2,9 @@
 a convolution whose weight gradient is summed over parts of the batch.
 
 XLA's CPU backend gives convolutions to YNNPACK by default; its own (Eigen) kernels run the
-U-Net's 3x3 convolutions here 1.5 to 4 times faster in all three directions, the weight
-gradient most of all. `compiler_options` picks the library for one jitted function.
+U-Net's 3x3 convolutions faster on this project's CPU in all three directions: the forward
+pass and the input gradient 1.1 to 2.6 times, the weight gradient 2.5 to 4.6 times. The
+`compiler_options` of a jitted function pick the library.
 
 With YNNPACK's kernels the weight gradient runs several times slower than the forward pass,
 and the same gradient as a sum of independent per-part gradients runs about twice as fast
