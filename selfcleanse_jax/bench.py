@@ -272,20 +272,19 @@ def run(quick: bool = False) -> dict:
     batch = _train_batch(trainer, 8)
     train_s = train_step_seconds(trainer, batch, repeats)
     parts_s = train_step_parts(trainer, batch, repeats)
-    default_parts = resolve_parts(trainer.config.model.weight_grad_parts)
+    timed_model = {
+        "weight_grad_parts": resolve_parts(trainer.config.model.weight_grad_parts),
+        "cpu_conv_library": trainer.config.model.cpu_conv_library,
+    }
 
-    def parts_step_s(parts: int) -> float:  # the default's parts: the step just timed
-        if parts == default_parts:
+    def step_s(**model) -> float:  # the settings of the step just timed: its time
+        if all(timed_model[key] == value for key, value in model.items()):
             return train_s
-        return variant_step_seconds(trainer, batch, repeats, weight_grad_parts=parts)
+        return variant_step_seconds(trainer, batch, repeats, **model)
 
-    def library_step_s(library: str) -> float:
-        if library == trainer.config.model.cpu_conv_library:
-            return train_s
-        return variant_step_seconds(trainer, batch, repeats, cpu_conv_library=library)
-
-    split_s, plain_s = parts_step_s(SPLIT_WEIGHT_GRAD_PARTS), parts_step_s(1)
-    library_s = {library: library_step_s(library) for library in CPU_CONV_LIBRARIES}
+    split_s = step_s(weight_grad_parts=SPLIT_WEIGHT_GRAD_PARTS)
+    plain_s = step_s(weight_grad_parts=1)
+    library_s = {library: step_s(cpu_conv_library=library) for library in CPU_CONV_LIBRARIES}
     members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
