@@ -31,7 +31,12 @@ from selfcleanse_jax.config import default_config
 from selfcleanse_jax.data import pipeline
 from selfcleanse_jax.data.loading import load_dataset
 from selfcleanse_jax.losses import label_targets, per_sample_loss
-from selfcleanse_jax.models.conv import CPU_CONV_LIBRARIES, compiler_options, resolve_parts
+from selfcleanse_jax.models.conv import (
+    CPU_CONV_LIBRARIES,
+    CPU_REDUCE_LIBRARIES,
+    compiler_options,
+    resolve_parts,
+)
 from selfcleanse_jax.models.unet import conv_flops_per_image
 
 
@@ -125,7 +130,8 @@ SPLIT_WEIGHT_GRAD_PARTS = 8
 
 def variant_step_seconds(trainer: train.Trainer, batch: dict, repeats: int, **model) -> float:
     """Seconds per train step of the same run with `model` keys overriding its U-Net's
-    (`weight_grad_parts`, `cpu_conv_library`), on the same batch and data."""
+    (`weight_grad_parts`, `cpu_conv_library`, `cpu_reduce_library`), on the same batch and
+    data."""
     variant = train.resolved_config(trainer.config)
     for key, value in model.items():
         variant.model[key] = value
@@ -205,9 +211,8 @@ def train_step_parts(trainer: train.Trainer, batch: dict, repeats: int) -> dict:
             per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
         )
 
-    jit = functools.partial(
-        jax.jit, compiler_options=compiler_options(steps.model_config.cpu_conv_library)
-    )
+    libraries = (steps.model_config.cpu_conv_library, steps.model_config.cpu_reduce_library)
+    jit = functools.partial(jax.jit, compiler_options=compiler_options(*libraries))
     augment = jit(lambda key: augment_batch(key, idx, images, targets, mask, config.augment))
     forward = jit(loss)
     input_grad = jit(jax.grad(loss, argnums=1))
@@ -275,6 +280,7 @@ def run(quick: bool = False) -> dict:
     timed_model = {
         "weight_grad_parts": resolve_parts(trainer.config.model.weight_grad_parts),
         "cpu_conv_library": trainer.config.model.cpu_conv_library,
+        "cpu_reduce_library": trainer.config.model.cpu_reduce_library,
     }
 
     def step_s(**model) -> float:  # the settings of the step just timed: its time
@@ -285,6 +291,7 @@ def run(quick: bool = False) -> dict:
     split_s = step_s(weight_grad_parts=SPLIT_WEIGHT_GRAD_PARTS)
     plain_s = step_s(weight_grad_parts=1)
     library_s = {library: step_s(cpu_conv_library=library) for library in CPU_CONV_LIBRARIES}
+    reduce_s = {library: step_s(cpu_reduce_library=library) for library in CPU_REDUCE_LIBRARIES}
     members_s = members_step_seconds(trainer, batch, repeats)
     forward_s = {size: forward_seconds(trainer, size, repeats) for size in EVAL_BATCH_SIZES}
     best_eval_batch = max(EVAL_BATCH_SIZES, key=lambda size: size / forward_s[size])
@@ -303,7 +310,7 @@ def run(quick: bool = False) -> dict:
     height, width = table.images.shape[1:3]
     forward_flops = conv_flops_per_image(steps.model_config, height, width)
     train_flops = 3 * forward_flops * 8 / train_s
-    fastest_train = 8 / min(train_s, split_s, *library_s.values())
+    fastest_train = 8 / min(train_s, split_s, *library_s.values(), *reduce_s.values())
     return {
         "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
         "num_devices": steps.num_devices,
@@ -314,6 +321,7 @@ def run(quick: bool = False) -> dict:
         "train_images_per_s_split_weight_grad": 8 / split_s,
         "train_images_per_s_plain_weight_grad": 8 / plain_s,
         **{f"train_images_per_s_{name}_conv": 8 / s for name, s in library_s.items()},
+        **{f"train_images_per_s_{name}_reduce": 8 / s for name, s in reduce_s.items()},
         "members": MEMBERS,
         "members_train_images_per_s": MEMBERS * 8 / members_s,
         "members_over_sequential": train_s * MEMBERS / members_s,

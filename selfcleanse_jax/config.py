@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"
     c.model.weight_grad_parts = 1  # 3x3 weight grads over parts of a batch; 0: 8 on CPU, else 1
     c.model.cpu_conv_library = "eigen"  # runs convolutions on the CPU backend: eigen, ynnpack
+    c.model.cpu_reduce_library = "ynnpack"  # runs reductions on the CPU backend: ynnpack, xla
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 50
@@ -145,7 +146,7 @@ def _merged(defaults: dict, saved: dict) -> dict:
 
 LEGACY_VALUES = {
     "data": {"canonical": False, "slice_axis": "S"},
-    "model": {"cpu_conv_library": "ynnpack"},
+    "model": {"cpu_conv_library": "ynnpack", "cpu_reduce_library": "xla"},
     "cleanse": {
         "calibrate": False,
         "calibrate_lfm": False,
@@ -154,8 +155,9 @@ LEGACY_VALUES = {
     },
 }
 """Keys whose default is not what runs from before the key trained with: those runs did not
-reorient their volumes, nor calibrate the LFM and LCM, and their CPU convolutions ran on
-XLA's default, YNNPACK. A saved config that lacks one of these reads back with this value."""
+reorient their volumes, nor calibrate the LFM and LCM, their CPU convolutions ran on XLA's
+default, YNNPACK, and their CPU reductions on XLA's own loops. A saved config that lacks one
+of these reads back with this value."""
 
 
 def with_defaults(saved: dict) -> ml_collections.ConfigDict:

@@ -113,7 +113,9 @@ class TrainedModel:
             jax.jit,
             static_argnames="flip",
             out_shardings=NamedSharding(self._mesh, P("data")),
-            compiler_options=compiler_options(self.model_config.cpu_conv_library),
+            compiler_options=compiler_options(
+                self.model_config.cpu_conv_library, self.model_config.cpu_reduce_library
+            ),
         )
         def labels(weights, images, flip):
             model = nnx.merge(graphdef, *weights)

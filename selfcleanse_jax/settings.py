@@ -14,7 +14,7 @@ from selfcleanse_jax.cleansing.lcm import CALIBRATION_ESTIMATES, FALLBACKS
 from selfcleanse_jax.config import METHODS
 from selfcleanse_jax.distributed import INITIALIZE
 from selfcleanse_jax.losses import LFM_LOSSES
-from selfcleanse_jax.models.conv import CPU_CONV_LIBRARIES
+from selfcleanse_jax.models.conv import CPU_CONV_LIBRARIES, CPU_REDUCE_LIBRARIES
 from selfcleanse_jax.models.unet import COMPUTE_DTYPES, NORMS
 from selfcleanse_jax.noise import resolve_params
 from selfcleanse_jax.steps import PARALLEL_MODES
@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": NORMS,
     "model.compute_dtype": COMPUTE_DTYPES,
     "model.cpu_conv_library": CPU_CONV_LIBRARIES,
+    "model.cpu_reduce_library": CPU_REDUCE_LIBRARIES,
     "train.nonfinite": NONFINITE_POLICIES,
     "cleanse.gmm_backend": BACKENDS,
     "cleanse.lfm_normalise": NORMALISATIONS,

@@ -7,12 +7,13 @@ Each step is a pure function of (state, batch, key). `Steps` runs them in one of
   `('data',)` mesh of the devices; XLA adds the collectives: the gradient's sum over the
   devices and BatchNorm's statistics over the whole batch. On one device it is plain jit;
   `none` is the same on the first device alone, and `shard_map` is read as `jit` (this path's
-  name before it became plain jit). Its functions compile with `model.cpu_conv_library`'s
-  options (`models/conv.py`).
+  name before it became plain jit). Its functions compile with the options of
+  `model.cpu_conv_library` and `model.cpu_reduce_library` (`models/conv.py`).
 - `pmap`: `jax.pmap` over the devices, state replicated with a leading device axis; the
   same step is told the axis name, sums its gradient with `lax.psum` and takes BatchNorm's
   statistics over the axis, so that it computes the same update. `jax.pmap` takes no
-  compiler options: on the CPU its convolutions run on XLA's default library.
+  compiler options: on the CPU its convolutions and reductions run on XLA's default
+  libraries.
 
 With several processes (`selfcleanse_jax.distributed`), the mesh spans every process's
 devices and pmap's collectives span them too: each process feeds its own rows of the global
@@ -375,9 +376,10 @@ class Steps:
             # adds the collectives (the gradient's sum, BatchNorm's batch statistics).
             self.mesh = _data_mesh(jax.devices() if distributed.several() else self.devices)
             replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
-            jit = functools.partial(
-                jax.jit, compiler_options=compiler_options(model_config.cpu_conv_library)
+            options = compiler_options(
+                model_config.cpu_conv_library, model_config.cpu_reduce_library
             )
+            jit = functools.partial(jax.jit, compiler_options=options)
             self._train = jit(
                 train,
                 in_shardings=(replicated, rows, replicated),

@@ -1,6 +1,7 @@
 """The convolution whose weight gradient is summed over parts of the batch, and the U-Net's
 matrix-product upsampling: the same values and gradients as the plain layers, to float
-tolerance. `model.cpu_conv_library` decides which library runs the convolutions on the CPU."""
+tolerance. `model.cpu_conv_library` and `model.cpu_reduce_library` decide which libraries run
+the convolutions and the reductions on the CPU."""
 
 import re
 
@@ -14,9 +15,11 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from selfcleanse_jax.augment import AugmentConfig
+from selfcleanse_jax.models import unet
 from selfcleanse_jax.models.conv import (
     AUTO_PARTS,
     CPU_CONV_LIBRARIES,
+    CPU_REDUCE_LIBRARIES,
     compiler_options,
     split_weight_grad_conv,
 )
@@ -136,18 +139,21 @@ def test_the_upsampling_runs_on_a_batch_split_over_a_mesh(axis_type):
     np.testing.assert_allclose(out, upsample(images), rtol=1e-6, atol=1e-6)
 
 
-def _ynn_convolutions(compiled_hlo: str) -> int:
-    """Convolutions that XLA's compiled module hands to YNNPACK: those inside a YNN fusion."""
+def _in_ynn_fusions(compiled_hlo: str, op: str, detail: str = "") -> int:
+    """Instructions `op(` (whose line holds `detail`) that XLA's compiled module hands to
+    YNNPACK: those inside a YNN fusion."""
     bodies = dict(re.findall(r"^%(\S+) \(.*?\{\n(.*?)\n\}", compiled_hlo, re.M | re.S))
     called = re.findall(r"calls=%(\S+?),[^\n]*__ynn_fusion", compiled_hlo)
-    return sum(bodies.get(name, "").count("convolution(") for name in called)
+    lines = [line for name in called for line in bodies.get(name, "").splitlines()]
+    return sum(f" {op}(" in line and detail in line for line in lines)
 
 
-def _one_step_inputs(library: str):
+def _one_step_inputs(**libraries):
     """Steps of a U-Net with the shapes YNNPACK takes at 64x64 (32 channels), a batch of 8
-    and a key. No augmentation: its resampled labels flip where the libraries' rounding
-    differs, which would hide the convolutions' own agreement."""
-    model = UNetConfig(num_classes=3, depth=1, base_width=32, cpu_conv_library=library)
+    and a key; `libraries` are the U-Net's CPU library keys. No augmentation: its resampled
+    labels flip where the libraries' rounding differs, which would hide the layers' own
+    agreement."""
+    model = UNetConfig(num_classes=3, depth=1, base_width=32, **libraries)
     config = StepConfig(num_classes=3, augment=AugmentConfig(enabled=False))
     steps = Steps(model, optax.sgd(0.1), config, parallel="none")
     rng = np.random.default_rng(0)
@@ -160,8 +166,8 @@ def _one_step_inputs(library: str):
     return steps, batch, jax.random.key(0)
 
 
-def _train_step_hlo(library: str) -> str:
-    steps, batch, key = _one_step_inputs(library)
+def _train_step_hlo(**libraries) -> str:
+    steps, batch, key = _one_step_inputs(**libraries)
     lowered = steps._train.lower(steps.init_state(0), steps.put_batch(batch), steps.put_key(key))
     return lowered.compile().as_text()
 
@@ -170,7 +176,7 @@ def _train_step_hlo(library: str) -> str:
 def test_the_cpu_conv_library_runs_the_convolutions_of_a_conv_and_of_the_train_step(library):
     # XLA hands a convolution to YNNPACK only where its cost model finds it worth it: these
     # shapes are the U-Net's at 64x64 with 32 channels, which it takes.
-    options = compiler_options(library)
+    options = compiler_options(library, "xla")
     if options is None:
         pytest.skip("this XLA's CPU backend has no YNNPACK fusions")
     settings = {"window_strides": (1, 1), "padding": "SAME"}
@@ -179,14 +185,32 @@ def test_the_cpu_conv_library_runs_the_convolutions_of_a_conv_and_of_the_train_s
         lambda x, w: lax.conv_general_dilated(x, w, **settings), compiler_options=options
     )
     hlo = conv.lower(jnp.zeros((8, 64, 64, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text()
-    assert _ynn_convolutions(hlo) == (1 if library == "ynnpack" else 0)
-    step_convolutions = _ynn_convolutions(_train_step_hlo(library))
+    assert _in_ynn_fusions(hlo, "convolution") == (1 if library == "ynnpack" else 0)
+    # the head's 1x1 convolution may join a YNNPACK reduction (the softmax's maximum)
+    step_hlo = _train_step_hlo(cpu_conv_library=library)
+    step_convolutions = _in_ynn_fusions(step_hlo, "convolution", "size=3x3")
     assert step_convolutions > 0 if library == "ynnpack" else step_convolutions == 0
 
 
-def test_an_unknown_cpu_conv_library_is_refused():
+@pytest.mark.parametrize("library", CPU_REDUCE_LIBRARIES)
+def test_the_cpu_reduce_library_runs_the_reductions_of_a_norm_and_of_the_train_step(library):
+    options = compiler_options("eigen", library)
+    takes = options is not None and "REDUCE" in options["xla_cpu_experimental_ynn_fusion_type"]
+    if library == "ynnpack" and not takes:
+        pytest.skip("this XLA's CPU backend has no YNNPACK reductions")
+    statistics = jax.jit(lambda x: jnp.mean(x, axis=(1, 2)), compiler_options=options)
+    hlo = statistics.lower(jnp.zeros((8, 64, 64, 32))).compile().as_text()
+    reductions = _in_ynn_fusions(hlo, "reduce")
+    assert reductions > 0 if library == "ynnpack" else reductions == 0
+    step_reductions = _in_ynn_fusions(_train_step_hlo(cpu_reduce_library=library), "reduce")
+    assert step_reductions > 0 if library == "ynnpack" else step_reductions == 0
+
+
+def test_an_unknown_cpu_library_is_refused():
     with pytest.raises(ValueError, match="model.cpu_conv_library must be one of"):
-        compiler_options("onednn")
+        compiler_options("onednn", "ynnpack")
+    with pytest.raises(ValueError, match="model.cpu_reduce_library must be one of"):
+        compiler_options("eigen", "eigen")
 
 
 def test_both_cpu_conv_libraries_take_the_same_train_step():
@@ -194,7 +218,7 @@ def test_both_cpu_conv_libraries_take_the_same_train_step():
     # 1e-4 of its largest entry
     losses, updates = [], []
     for library in CPU_CONV_LIBRARIES:
-        steps, batch, key = _one_step_inputs(library)
+        steps, batch, key = _one_step_inputs(cpu_conv_library=library)
         start = steps.init_state(0)
         before = jax.tree.leaves(steps.get_state(start).params)
         state, step_losses, finite = steps.train(start, batch, key)
@@ -207,3 +231,35 @@ def test_both_cpu_conv_libraries_take_the_same_train_step():
         scale = np.max(np.abs(want))
         assert scale > 0
         np.testing.assert_allclose(got / scale, want / scale, atol=1e-4)
+
+
+def test_the_gradients_with_ynnpack_reductions_are_float64s_to_float32_rounding(monkeypatch):
+    # The instance norms' statistics and their gradients are sums over every pixel; with
+    # XLA's own reductions some leaves of this U-Net's gradient were 3% off float64's.
+    if "REDUCE" not in (compiler_options("eigen", "ynnpack") or {}).get(
+        "xla_cpu_experimental_ynn_fusion_type", ""
+    ):
+        pytest.skip("this XLA's CPU backend has no YNNPACK reductions")
+    monkeypatch.setattr(unet, "COMPUTE_DTYPES", (*unet.COMPUTE_DTYPES, "float64"))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 64, 64, 1))
+    targets = np.eye(3)[rng.integers(0, 3, (8, 64, 64))]
+
+    def gradients(dtype: str) -> list[np.ndarray]:
+        config = UNetConfig(num_classes=3, depth=1, base_width=32, compute_dtype=dtype)
+        graphdef, params = nnx.split(UNet(config, rngs=nnx.Rngs(0)))
+        params = jax.tree.map(lambda leaf: leaf.astype(dtype), params)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(jnp.asarray(images, dtype)).astype(dtype)
+            return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * targets, -1))
+
+        options = compiler_options("eigen", "ynnpack") if dtype == "float32" else None
+        grads = jax.jit(jax.grad(loss), compiler_options=options)(params)
+        return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(grads)]
+
+    with jax.enable_x64(True):
+        reference, got = gradients("float64"), gradients("float32")
+    for leaf, want in zip(got, reference, strict=True):
+        scale = np.max(np.abs(want))
+        np.testing.assert_allclose(leaf / scale, want / scale, atol=1e-4)

@@ -470,18 +470,21 @@ def test_a_key_an_older_run_lacks_counts_as_its_default():
     del saved["data"]["canonical"]  # a run from before volumes were reoriented
     assert train.config_differences(saved, requested) == ["cleanse.lfm_loss", "data.canonical"]
     del saved["model"]["cpu_conv_library"]  # its CPU convolutions ran on XLA's default
+    del saved["model"]["cpu_reduce_library"]  # and its reductions on XLA's own loops
     assert requested["model"]["cpu_conv_library"] == "eigen"
+    assert requested["model"]["cpu_reduce_library"] == "ynnpack"
     assert train.config_differences(saved, requested) == [
         "cleanse.lfm_loss",
         "data.canonical",
         "model.cpu_conv_library",
+        "model.cpu_reduce_library",
     ]
 
 
 def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tmp_path):
     saved = tiny_config(**{"cleanse.kappa": 0.6}).to_dict()
     del saved["model"]["weight_grad_parts"], saved["cleanse"]["lfm_loss"]
-    del saved["model"]["cpu_conv_library"]
+    del saved["model"]["cpu_conv_library"], saved["model"]["cpu_reduce_library"]
     calibration = ["calibrate", "calibrate_lfm", "calibrate_estimate", "calibrate_min_share"]
     for key in calibration:
         del saved["cleanse"][key]
@@ -492,10 +495,13 @@ def test_a_run_folder_read_back_fills_the_keys_its_config_lacks_with_defaults(tm
     # Runs from before calibration existed trained without it, whatever today's default.
     assert [config.cleanse[key] for key in calibration] == [False, False, "pooled", 0.0]
     assert default_config().cleanse.calibrate and default_config().cleanse.calibrate_lfm
-    # Their CPU convolutions ran on XLA's default library, YNNPACK.
+    # Their CPU convolutions ran on XLA's default library, YNNPACK; their reductions on XLA's.
     assert config.model.cpu_conv_library == "ynnpack"
-    assert UNetConfig.from_config(config.model, 1, 4).cpu_conv_library == "ynnpack"
+    assert config.model.cpu_reduce_library == "xla"
+    model = UNetConfig.from_config(config.model, 1, 4)
+    assert (model.cpu_conv_library, model.cpu_reduce_library) == ("ynnpack", "xla")
     assert default_config().model.cpu_conv_library == "eigen"
+    assert default_config().model.cpu_reduce_library == "ynnpack"
 
 
 def test_warmup_dice_weight_applies_to_the_warmup_of_cleansing_methods_only(tiny_dataset):

@@ -41,6 +41,7 @@ class UNetConfig:
     compute_dtype: str = "float32"
     weight_grad_parts: int = 1  # 3x3 weight gradients summed over parts of the batch (conv.py)
     cpu_conv_library: str = "eigen"  # what runs the convolutions on the CPU backend (conv.py)
+    cpu_reduce_library: str = "ynnpack"  # what runs the reductions on the CPU backend (conv.py)
     batch_norm_axis: str | None = None  # a mapped axis over which BatchNorm takes its statistics
 
     @classmethod
@@ -56,6 +57,7 @@ class UNetConfig:
             compute_dtype=model.compute_dtype,
             weight_grad_parts=model.weight_grad_parts,
             cpu_conv_library=model.cpu_conv_library,
+            cpu_reduce_library=model.cpu_reduce_library,
         )
 
     def save(self, workdir: Path) -> None:
