@@ -122,15 +122,28 @@ class ConvBlock(nnx.Module):
         return nnx.leaky_relu(self.norm2(self.conv2(x)), 0.01)
 
 
+def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`x` reshaped to `shape`, whose leading axis takes `x`'s leading (batch) axis: under
+    explicit sharding a reshape names its output's sharding, and the batch's is kept."""
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.axis_names:
+        sharding = sharding.update(spec=P(sharding.spec[0], *[None] * (len(shape) - 1)))
+    else:
+        sharding = None
+    return lax.reshape(x, shape, out_sharding=sharding)
+
+
 class Upsample(nnx.ConvTranspose):
     """A 2x2 transposed convolution of stride 2: `nnx.ConvTranspose`'s parameters and values,
-    computed as one matrix product per input pixel.
+    computed as one matrix product.
 
     Each input pixel feeds its own 2x2 block of the output, so the layer is a product of the
     (pixels, in) activations with the (in, 2*2*out) kernel. Its gradients are products too:
     XLA's CPU backend computes the strided transposed convolution's weight gradient some 50
     to 200 times slower than its forward pass, which made these four layers half of a train
-    step at 128x128.
+    step at 128x128. The product is written with two dimensions, which XLA's CPU backend
+    hands to YNNPACK's matrix product: written as one einsum over (batch, height, width), the
+    four layers with their skip concatenations ran 1.5 times slower, forward and backward.
     """
 
     def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
@@ -140,17 +153,14 @@ class Upsample(nnx.ConvTranspose):
         x, kernel, bias = self.promote_dtype(
             (x, self.kernel[...], self.bias[...]), dtype=self.dtype
         )
-        batch, height, width, _ = x.shape
-        # lax.conv_transpose correlates with the kernel flipped in space
-        blocks = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1])
-        # under explicit sharding a reshape names its output's: the batch's and features' kept
-        sharding = jax.typeof(blocks).sharding
-        if sharding.mesh.axis_names:
-            sharding = sharding.update(spec=P(sharding.spec[0], None, None, sharding.spec[-1]))
-        else:
-            sharding = None
-        shape = (batch, 2 * height, 2 * width, blocks.shape[-1])
-        return lax.reshape(blocks, shape, out_sharding=sharding) + bias
+        batch, height, width, features = x.shape
+        out = kernel.shape[-1]
+        # lax.conv_transpose correlates with the kernel flipped in space; column (a, b, o) of
+        # the matrix gives feature o of the pixel at (a, b) in each input pixel's 2x2 block
+        matrix = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(features, 4 * out)
+        pixels = _reshape(x, (batch * height * width, features)) @ matrix
+        blocks = _reshape(pixels, (batch, height, width, 2, 2, out)).transpose(0, 1, 3, 2, 4, 5)
+        return _reshape(blocks, (batch, 2 * height, 2 * width, out)) + bias
 
 
 class UNet(nnx.Module):
