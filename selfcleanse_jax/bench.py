@@ -34,7 +34,6 @@ from selfcleanse_jax.losses import label_targets, per_sample_loss
 from selfcleanse_jax.models.conv import (
     CPU_CONV_LIBRARIES,
     CPU_REDUCE_LIBRARIES,
-    compiler_options,
     resolve_parts,
 )
 from selfcleanse_jax.models.unet import conv_flops_per_image
@@ -211,8 +210,7 @@ def train_step_parts(trainer: train.Trainer, batch: dict, repeats: int) -> dict:
             per_sample_loss(model(images), targets, mask, dice_weight=config.dice_weight)
         )
 
-    libraries = (steps.model_config.cpu_conv_library, steps.model_config.cpu_reduce_library)
-    jit = functools.partial(jax.jit, compiler_options=compiler_options(*libraries))
+    jit = functools.partial(jax.jit, compiler_options=steps.model_config.compiler_options())
     augment = jit(lambda key: augment_batch(key, idx, images, targets, mask, config.augment))
     forward = jit(loss)
     input_grad = jit(jax.grad(loss, argnums=1))

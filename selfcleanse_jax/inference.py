@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 from selfcleanse_jax.checkpoint import Checkpointer
 from selfcleanse_jax.config import with_defaults
 from selfcleanse_jax.data.preprocess import PreprocessSettings
-from selfcleanse_jax.models.conv import compiler_options
 from selfcleanse_jax.models.unet import (
     UNetConfig,
     abstract_model,
@@ -113,9 +112,7 @@ class TrainedModel:
             jax.jit,
             static_argnames="flip",
             out_shardings=NamedSharding(self._mesh, P("data")),
-            compiler_options=compiler_options(
-                self.model_config.cpu_conv_library, self.model_config.cpu_reduce_library
-            ),
+            compiler_options=self.model_config.compiler_options(),
         )
         def labels(weights, images, flip):
             model = nnx.merge(graphdef, *weights)

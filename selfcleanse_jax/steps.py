@@ -46,7 +46,6 @@ from selfcleanse_jax.losses import (
     label_targets,
     per_sample_loss,
 )
-from selfcleanse_jax.models.conv import compiler_options
 from selfcleanse_jax.models.unet import (
     UNetConfig,
     averaged_probabilities,
@@ -376,10 +375,7 @@ class Steps:
             # adds the collectives (the gradient's sum, BatchNorm's batch statistics).
             self.mesh = _data_mesh(jax.devices() if distributed.several() else self.devices)
             replicated, rows = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P(AXIS))
-            options = compiler_options(
-                model_config.cpu_conv_library, model_config.cpu_reduce_library
-            )
-            jit = functools.partial(jax.jit, compiler_options=options)
+            jit = functools.partial(jax.jit, compiler_options=model_config.compiler_options())
             self._train = jit(
                 train,
                 in_shardings=(replicated, rows, replicated),

@@ -14,7 +14,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from selfcleanse_jax import atomic
-from selfcleanse_jax.models.conv import split_weight_grad_conv
+from selfcleanse_jax.models.conv import compiler_options, split_weight_grad_conv
 
 MODEL_FILE = "model.json"
 """A run folder's record of its U-Net's architecture: `UNetConfig`'s fields as JSON."""
@@ -59,6 +59,11 @@ class UNetConfig:
             cpu_conv_library=model.cpu_conv_library,
             cpu_reduce_library=model.cpu_reduce_library,
         )
+
+    def compiler_options(self) -> dict[str, str] | None:
+        """`jax.jit`'s `compiler_options` for a function that runs this U-Net: the CPU
+        libraries of its convolutions and reductions (`conv.compiler_options`)."""
+        return compiler_options(self.cpu_conv_library, self.cpu_reduce_library)
 
     def save(self, workdir: Path) -> None:
         """Record the architecture in `WORKDIR/model.json`, for inference from the run."""
